@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# GPU users: make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" ...
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+export SWIN_BOB_DATA ?= $(HOME)/.cache/swin_bob
+PYTEST_ARGS ?=
+
+.PHONY: venv data demo test test-label bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, so nothing later can pull a different (CUDA) build from the registry
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dask,dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+data: venv
+	$(PY) -m custom.sample_data
+
+demo: data
+	$(PY) -m custom.demo
+
+test: data
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: data
+	@for b in benchmarks/*.py; do echo "# $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache
