@@ -1,0 +1,8 @@
+"""SOLF, the Specialized Organ Label Filter (``SPEC.md`` section 2).
+
+- :mod:`.features`: stage A, per-volume component cleaning and shape features in physical units.
+- :mod:`.transforms`: the same as MONAI transforms, plus :class:`~.transforms.ApplySOLFDecisiond`.
+- :mod:`.cohort`: stage B, robust per-organ fit, epsilon rule, 2-of-3 vote, actions.
+- :mod:`.batch`: the dataset runner (local processes or a Dask cluster, resumable).
+- ``python -m custom.solf run|features|fit|apply|report``.
+"""

@@ -1,0 +1,60 @@
+"""``python -m custom.solf run|features|fit|apply|report`` (see :mod:`custom.solf.batch`).
+
+Examples::
+
+    python -m custom.solf run --datalist dataset.json --output_dir solf_out --workers 4
+    python -m custom.solf run --datalist dataset.json --output_dir solf_out --scheduler tcp://host:8786
+    python -m custom.solf fit --output_dir solf_out --eps 3 --action background   # re-decide only
+"""
+
+from __future__ import annotations
+
+import fire
+
+from custom.io import cli_main
+from custom.solf import batch
+
+
+def _config(min_fraction: float, body: str) -> batch.StageAConfig:
+    return batch.StageAConfig(min_fraction=min_fraction, body=body)
+
+
+@cli_main
+def features(datalist: str, output_dir: str, workers: int = 0, scheduler: str | None = None, keys=None,
+             min_fraction: float = batch.DEFAULT_MIN_FRACTION, body: str = "labels") -> dict:
+    """Stage A: per-volume features -> OUTPUT_DIR/features.parquet, errors.csv (resumable)."""
+    return batch.features(datalist, output_dir, workers, scheduler, keys, _config(min_fraction, body))
+
+
+@cli_main
+def fit(output_dir: str, eps: float = batch.cohort.DEFAULT_EPS, action: str = "ignore",
+        min_samples: int = batch.cohort.DEFAULT_MIN_SAMPLES, min_votes: int = 2, use_priors: bool = False,
+        max_rejected: int = 3) -> dict:
+    """Stage B: thresholds.csv and decisions.csv from features.parquet."""
+    return batch.fit(output_dir, eps, action, min_samples, min_votes, use_priors, max_rejected)
+
+
+@cli_main
+def apply(datalist: str, output_dir: str, workers: int = 0, scheduler: str | None = None, keys=None,
+          min_fraction: float = batch.DEFAULT_MIN_FRACTION) -> dict:
+    """Filtered label maps -> OUTPUT_DIR/labels/, and OUTPUT_DIR/datalist.json pointing at them."""
+    return batch.apply(datalist, output_dir, workers, scheduler, keys, _config(min_fraction, "labels"))
+
+
+@cli_main
+def report(output_dir: str, plots: bool = True) -> dict:
+    """summary.json and per-organ PNG plots from decisions.csv and thresholds.csv."""
+    return batch.report(output_dir, plots)
+
+
+@cli_main
+def run(datalist: str, output_dir: str, workers: int = 0, scheduler: str | None = None, keys=None,
+        eps: float = batch.cohort.DEFAULT_EPS, action: str = "ignore", min_samples: int = batch.cohort.DEFAULT_MIN_SAMPLES,
+        use_priors: bool = False, min_fraction: float = batch.DEFAULT_MIN_FRACTION, body: str = "labels",
+        plots: bool = True) -> None:
+    """Everything: stage A, stage B, filtered labels, report (summary printed as one JSON line)."""
+    batch.run(datalist, output_dir, workers, scheduler, keys, eps, action, min_samples, use_priors, min_fraction, body, plots)
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "features": features, "fit": fit, "apply": apply, "report": report}, serialize=lambda r: None if r is None else __import__("json").dumps(r))

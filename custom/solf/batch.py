@@ -1,0 +1,518 @@
+"""The SOLF dataset runner: stage A in parallel, stage B on one machine, resumable, bad-file tolerant.
+
+Stage A runs through one executor interface, either a local :class:`ProcessPoolExecutor` (default,
+``workers`` processes) or an existing Dask cluster (``scheduler="tcp://host:8786"``, through
+``distributed.Client.submit`` / ``distributed.as_completed``). Each volume's result is written by the
+worker as one JSON file under ``<output_dir>/stage_a/`` (atomically), so a killed run loses only the
+volumes in flight and a re-run skips every volume whose result is on disk and still matches its input
+file (size, mtime) and the stage-A settings. Unreadable or invalid label files become rows of
+``errors.csv``; the run goes on.
+
+Workers import only NumPy/SciPy/scikit-image/nibabel (no torch, no MONAI), so they start fast.
+
+Outputs in ``output_dir``: ``features.parquet``, ``thresholds.csv``, ``decisions.csv``,
+``errors.csv``, ``summary.json``, ``plots/<id>_<organ>.png``, ``labels/...`` (filtered label maps
+with the input's folder layout) and ``datalist.json`` (the input datalist pointing at them, dropped
+volumes removed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import as_completed as cf_as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from custom.labels import IGNORE_LABEL, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, UKBOB_UNUSED_IDS
+from custom.solf import cohort
+from custom.solf.features import DEFAULT_MIN_FRACTION, FEATURES, volume_features
+
+STAGE_A_VERSION = 1  # bump when stage-A outputs change meaning: old per-volume results are recomputed
+ERROR_COLUMNS = ["volume", "label", "stage", "error"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One datalist entry: ``volume`` is the label path as written in the datalist (its id)."""
+
+    volume: str
+    label: str
+    image: str | None = None
+
+
+@dataclass(frozen=True)
+class StageAConfig:
+    min_fraction: float = DEFAULT_MIN_FRACTION
+    clean: bool = True
+    body: str = "labels"  # "labels": union of labels; "image": image foreground
+
+    def fingerprint(self) -> str:
+        text = json.dumps({**asdict(self), "version": STAGE_A_VERSION}, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+class BadVolume(Exception):
+    """A label file that stage A cannot use; ``str()`` is one line with the problem and the fix."""
+
+
+# ---------------------------------------------------------------- small file helpers (worker side)
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Temporary file beside ``path`` (same suffixes), renamed onto it when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:])
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _stat(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def result_path(output_dir: Path, volume: str) -> Path:
+    return output_dir / "stage_a" / f"{hashlib.sha1(volume.encode()).hexdigest()[:20]}.json"
+
+
+def load_labels(path: str, max_id: int = max(UKBOB_LABELS)) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Read and validate one label map: ``(integer array (H, W, D), affine, nibabel header)``.
+
+    Raises :class:`BadVolume` for a missing, unreadable, non-3D or non-integer file, or ids outside
+    the taxonomy (``0..max_id`` without the unused ids).
+    """
+    import nibabel as nib
+
+    if not os.path.exists(path):
+        raise BadVolume(f"{path}: file not found. Fix: correct the datalist entry")
+    try:
+        img = nib.load(path)
+        arr = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001 - every reader failure means the same to the user
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise BadVolume(f"{path}: cannot be read as a label map ({detail}). Fix: re-export the file") from None
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise BadVolume(f"{path}: expected a 3D label map, got shape {arr.shape}. Fix: give one label map per volume")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.rint(arr)):
+            raise BadVolume(f"{path}: label values are not integers. Fix: save labels with an integer dtype")
+        arr = arr.astype(np.int32)
+    elif arr.dtype.kind not in "iu":
+        raise BadVolume(f"{path}: label dtype {arr.dtype} is not an integer type. Fix: save labels as integers")
+    if arr.size == 0:
+        raise BadVolume(f"{path}: the label map has no voxels. Fix: re-export the file")
+    if arr.min() < 0:
+        raise BadVolume(f"{path}: negative label ids. Fix: use ids 0..{max_id}")
+    top = int(arr.max())
+    present = np.flatnonzero(np.bincount(arr.ravel(), minlength=max_id + 1)[: max_id + 1])
+    bad = sorted({int(i) for i in present if i in UKBOB_UNUSED_IDS} | (set(np.unique(arr[arr > max_id]).tolist()) if top > max_id else set()))
+    if bad:
+        raise BadVolume(f"{path}: label ids {bad[:5]} are outside the taxonomy (0..{max_id}). Fix: remap the labels to UKBOB ids")
+    return arr, np.asarray(img.affine), img.header
+
+
+def stage_a_volume(item: Item, output_dir: str, config: StageAConfig) -> dict[str, Any]:
+    """Worker task: stage A of one volume, result written to ``stage_a/<hash>.json``; returns it.
+
+    A bad file returns ``{"volume", "error"}`` instead (nothing written, so a fixed file is retried).
+    """
+    out = result_path(Path(output_dir), item.volume)
+    try:
+        labels, affine, _ = load_labels(item.label)
+        image = None
+        if config.body == "image" and item.image:
+            import nibabel as nib
+
+            image = np.asanyarray(nib.load(item.image).dataobj).astype(np.float32)
+            image = np.moveaxis(image, -1, 0) if image.ndim == 4 else image
+        _, rows = volume_features(labels, affine, image, UKBOB_LABELS, UKBOB_COMPONENT_RANGES, config.min_fraction, config.clean)
+    except BadVolume as exc:
+        return {"volume": item.volume, "label": item.label, "error": str(exc)}
+    result = {
+        "volume": item.volume, "label": item.label, "fingerprint": config.fingerprint(), "stat": _stat(item.label),
+        "rows": [{"volume": item.volume, **asdict(r)} for r in rows],
+    }
+    with _atomic(out) as tmp:
+        tmp.write_text(json.dumps(result))
+    return result
+
+
+def _is_done(item: Item, output_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    path = result_path(output_dir, item.volume)
+    if not path.exists():
+        return None
+    try:
+        res = json.loads(path.read_text())
+        ok = res["volume"] == item.volume and res["fingerprint"] == fingerprint and res["stat"] == _stat(item.label)
+    except (OSError, ValueError, KeyError):
+        return None
+    return res if ok else None
+
+
+def apply_volume(item: Item, output_dir: str, actions: dict[int, str], config: StageAConfig, ignore_value: int) -> dict[str, Any]:
+    """Worker task: write the filtered label map (cleaned components + decisions) under ``labels/``."""
+    import nibabel as nib
+
+    from custom.solf.features import clean_components
+
+    target = Path(output_dir) / "labels" / filtered_name(item.volume)
+    try:
+        labels, affine, header = load_labels(item.label)
+    except BadVolume as exc:
+        return {"volume": item.volume, "label": item.label, "error": str(exc)}
+    if config.clean:
+        labels, _ = clean_components(labels, UKBOB_COMPONENT_RANGES, config.min_fraction)
+    out = cohort.apply_actions(labels, actions, ignore_value).astype(np.uint8 if ignore_value <= 255 else np.int16)
+    header = header.copy()
+    header.set_data_dtype(out.dtype)
+    header["scl_slope"], header["scl_inter"] = 1, 0
+    with _atomic(target) as tmp:
+        nib.save(nib.Nifti1Image(out, affine, header), str(tmp))
+    return {"volume": item.volume, "path": str(target)}
+
+
+def filtered_name(volume: str) -> str:
+    """Where a volume's filtered labels go, relative to ``<output_dir>/labels`` (absolute paths flattened)."""
+    p = Path(volume)
+    return p.as_posix().lstrip("/").replace("../", "up/") if not p.is_absolute() else "abs/" + p.as_posix().lstrip("/")
+
+
+# ---------------------------------------------------------------- executors: one interface, two engines
+class Executor:
+    """``submit(fn, *args)`` and ``as_completed(futures)`` over local processes or a Dask cluster."""
+
+    def __init__(self, workers: int = 0, scheduler: str | None = None):
+        self.scheduler = scheduler
+        if scheduler:
+            try:
+                from distributed import Client
+            except ImportError as exc:  # pragma: no cover - the [dask] extra is part of `make venv`
+                raise RuntimeError("--scheduler needs dask[distributed]: pip install 'swin-bob-bundles[dask]'") from exc
+            self.client = Client(scheduler, timeout=30)
+            self.pool = None
+        else:
+            self.client = None
+            self.pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+
+    def submit(self, fn: Callable, *args: Any) -> Any:
+        if self.client is not None:
+            return self.client.submit(fn, *args, pure=False)
+        return self.pool.submit(fn, *args)
+
+    def as_completed(self, futures: Sequence[Any]) -> Iterator[Any]:
+        if self.client is not None:
+            from distributed import as_completed
+
+            return iter(as_completed(futures))
+        return cf_as_completed(futures)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        else:
+            self.pool.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _map(executor: Executor, fn: Callable, items: Sequence[Item], args: tuple, desc: str) -> tuple[list[dict], list[dict]]:
+    """Run ``fn(item, *args)`` for every item with a progress bar; (results, errors)."""
+    from tqdm import tqdm
+
+    results, errors = [], []
+    futures = {executor.submit(fn, item, *args): item for item in items}
+    with tqdm(total=len(futures), desc=desc, unit="vol", file=sys.stderr, disable=not items) as bar:
+        try:
+            for fut in executor.as_completed(list(futures)):
+                item = futures[fut]
+                try:
+                    res = fut.result()
+                except BrokenProcessPool:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - an unexpected failure of one volume is reported, not fatal
+                    res = {"volume": item.volume, "label": item.label, "error": f"{item.label}: {type(exc).__name__}: {exc}"}
+                (errors if "error" in res else results).append(res)
+                bar.update()
+        except BrokenProcessPool:
+            missing = len(futures) - len(results) - len(errors)
+            raise RuntimeError(
+                f"a worker process died; {missing} volume(s) were not processed. Re-run the same command to resume"
+            ) from None
+    return results, errors
+
+
+# ---------------------------------------------------------------- datalist
+def read_datalist(datalist: str | Path, keys: Sequence[str] | str | None = None) -> list[Item]:
+    """Items with a ``label`` from a Decathlon-style datalist (paths relative to its folder).
+
+    ``keys``: the lists to read (default every top-level list whose entries have a ``label``).
+    """
+    from custom.io import InputError, check_readable
+
+    path = check_readable(datalist)
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise InputError(path, f"not valid JSON ({exc})", "give a Decathlon-style datalist (dataset.json)") from None
+    keys = [keys] if isinstance(keys, str) else keys
+    if keys is None:
+        keys = [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict) and "label" in v[0]]
+    if not keys or any(k not in data for k in keys):
+        raise InputError(path, f"no list of entries with a 'label' under {keys or 'any key'}", "use e.g. --keys training")
+    base = Path(path).resolve().parent
+    items, seen = [], set()
+    for key in keys:
+        for entry in data[key]:
+            if "label" not in entry or entry["label"] in seen:
+                continue
+            seen.add(entry["label"])
+            label = entry["label"]
+            image = entry.get("image")
+            items.append(
+                Item(volume=label, label=str(base / label), image=str(base / image) if isinstance(image, str) else None)
+            )
+    return items
+
+
+# ---------------------------------------------------------------- the steps
+def features(
+    datalist: str | Path,
+    output_dir: str | Path,
+    workers: int = 0,
+    scheduler: str | None = None,
+    keys: Sequence[str] | str | None = None,
+    config: StageAConfig = StageAConfig(),
+) -> dict[str, Any]:
+    """Stage A over a datalist: ``features.parquet`` and ``errors.csv`` (resumes from ``stage_a/``)."""
+    from custom.io import atomic_path, atomic_write_text, check_writable_dir
+
+    out = check_writable_dir(output_dir)
+    items = read_datalist(datalist, keys)
+    fp = config.fingerprint()
+    done, todo = [], []
+    for item in items:
+        res = _is_done(item, out, fp)
+        (done.append(res) if res else todo.append(item))
+    print(f"stage A: {len(items)} volumes, {len(done)} already done, {len(todo)} to compute", file=sys.stderr, flush=True)
+    t0 = time.time()
+    with Executor(workers, scheduler) as ex:
+        results, errors = _map(ex, stage_a_volume, todo, (str(out), config), "SOLF stage A")
+    rows = [row for res in done + results for row in res["rows"]]
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values(["volume", "organ_id"]).reset_index(drop=True)
+    with atomic_path(out / "features.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    errs = pd.DataFrame([{"volume": e["volume"], "label": e["label"], "stage": "features", "error": e["error"]} for e in errors], columns=ERROR_COLUMNS)
+    atomic_write_text(out / "errors.csv", errs.to_csv(index=False))
+    stats = {"volumes": len(items), "skipped": len(done), "computed": len(results), "errors": len(errors),
+             "rows": len(table), "seconds": round(time.time() - t0, 2)}
+    atomic_write_text(out / "stage_a_run.json", json.dumps(stats, indent=2))
+    return stats
+
+
+def fit(
+    output_dir: str | Path,
+    eps: float = cohort.DEFAULT_EPS,
+    action: str = "ignore",
+    min_samples: int = cohort.DEFAULT_MIN_SAMPLES,
+    min_votes: int = 2,
+    use_priors: bool = False,
+    max_rejected: int = 3,
+) -> dict[str, Any]:
+    """Stage B: ``thresholds.csv`` (per organ) and ``decisions.csv`` (per volume and organ)."""
+    from custom.io import atomic_write_text
+
+    out = Path(output_dir)
+    table = pd.read_parquet(out / "features.parquet")
+    if table.empty:
+        thr = pd.DataFrame(columns=["organ_id", "organ", "n", "fitted"])
+        dec = pd.DataFrame(columns=cohort.DECISION_COLUMNS)
+    else:
+        thr = cohort.fit(table, eps, min_samples)
+        dec = cohort.decide(table, thr, action, min_votes, use_priors, max_rejected=max_rejected)
+        thr = cohort.summary(dec, thr)
+    atomic_write_text(out / "thresholds.csv", thr.to_csv(index=False))
+    atomic_write_text(out / "decisions.csv", dec.to_csv(index=False))
+    settings = {"eps": eps, "action": action, "min_samples": min_samples, "min_votes": min_votes,
+                "use_priors": use_priors, "max_rejected": max_rejected}
+    atomic_write_text(out / "fit_settings.json", json.dumps(settings, indent=2))
+    return {"organs": len(thr), "masks": len(dec), "rejected": int(dec["rejected"].sum()) if len(dec) else 0}
+
+
+def apply(
+    datalist: str | Path,
+    output_dir: str | Path,
+    workers: int = 0,
+    scheduler: str | None = None,
+    keys: Sequence[str] | str | None = None,
+    config: StageAConfig = StageAConfig(),
+    ignore_value: int = IGNORE_LABEL,
+) -> dict[str, Any]:
+    """Write filtered label maps under ``labels/`` and ``datalist.json`` pointing at them.
+
+    Volumes dropped by the ``drop`` action are left out of ``datalist.json``; volumes listed in
+    ``errors.csv`` too. A filtered file newer than ``decisions.csv`` is not rewritten (resume).
+    """
+    from custom.io import atomic_write_text
+
+    out = Path(output_dir)
+    dec = pd.read_csv(out / "decisions.csv")
+    actions = cohort.organ_actions(dec)
+    dropped = cohort.dropped_volumes(dec)
+    known = set(dec["volume"].astype(str)) | set(pd.read_parquet(out / "features.parquet", columns=["volume"])["volume"].astype(str)) if len(dec) else set()
+    items = [i for i in read_datalist(datalist, keys) if i.volume in known and i.volume not in dropped]
+    stamp = (out / "decisions.csv").stat().st_mtime_ns
+    todo = [i for i in items if not _newer(out / "labels" / filtered_name(i.volume), stamp)]
+    print(f"apply: {len(items)} volumes, {len(items) - len(todo)} already written", file=sys.stderr, flush=True)
+    with Executor(workers, scheduler) as ex:
+        futures_items = todo
+        results, errors = _map_apply(ex, futures_items, str(out), actions, config, ignore_value)
+    _write_datalist(datalist, out, keys, known - dropped - {e["volume"] for e in errors})
+    if errors:
+        old = pd.read_csv(out / "errors.csv") if (out / "errors.csv").exists() else pd.DataFrame(columns=ERROR_COLUMNS)
+        new = pd.DataFrame([{"volume": e["volume"], "label": e["label"], "stage": "apply", "error": e["error"]} for e in errors])
+        atomic_write_text(out / "errors.csv", pd.concat([old, new]).to_csv(index=False))
+    return {"written": len(results), "skipped": len(items) - len(todo), "dropped": len(dropped), "errors": len(errors)}
+
+
+def _newer(path: Path, stamp: int) -> bool:
+    return path.exists() and path.stat().st_mtime_ns >= stamp
+
+
+def _map_apply(ex: Executor, items: list[Item], out: str, actions: dict, config: StageAConfig, ignore_value: int):
+    from tqdm import tqdm
+
+    futures = {ex.submit(apply_volume, i, out, actions.get(i.volume, {}), config, ignore_value): i for i in items}
+    results, errors = [], []
+    for fut in tqdm(ex.as_completed(list(futures)), total=len(futures), desc="SOLF apply", unit="vol", file=sys.stderr, disable=not items):
+        res = fut.result()
+        (errors if "error" in res else results).append(res)
+    return results, errors
+
+
+def _write_datalist(datalist: str | Path, out: Path, keys: Sequence[str] | str | None, keep: set[str]) -> None:
+    from custom.io import atomic_write_text
+
+    data = json.loads(Path(datalist).read_text())
+    base = Path(datalist).resolve().parent
+    keys = [keys] if isinstance(keys, str) else keys
+    for key, value in data.items():
+        if not isinstance(value, list) or not value or not isinstance(value[0], dict) or "label" not in value[0]:
+            continue
+        if keys is not None and key not in keys:
+            continue
+        new = []
+        for entry in value:
+            if entry.get("label") not in keep:
+                continue
+            entry = dict(entry)
+            for k, v in entry.items():
+                if isinstance(v, str) and k != "label" and (base / v).exists():
+                    entry[k] = str((base / v).resolve())
+            entry["label"] = "labels/" + filtered_name(entry["label"])
+            new.append(entry)
+        data[key] = new
+    data["solf"] = {"source": str(Path(datalist).resolve()), "decisions": "decisions.csv"}
+    atomic_write_text(out / "datalist.json", json.dumps(data, indent=4) + "\n")
+
+
+def report(output_dir: str | Path, plots: bool = True) -> dict[str, Any]:
+    """``summary.json`` and one PNG per organ (feature histograms with the thresholds); returns the summary."""
+    from custom.io import atomic_path, atomic_write_text
+
+    out = Path(output_dir)
+    dec = pd.read_csv(out / "decisions.csv")
+    thr = pd.read_csv(out / "thresholds.csv")
+    errs = pd.read_csv(out / "errors.csv") if (out / "errors.csv").exists() else pd.DataFrame(columns=ERROR_COLUMNS)
+    rej = dec[dec["rejected"].astype(bool)] if len(dec) else dec
+    summary = {
+        "volumes": int(dec["volume"].nunique()) if len(dec) else 0,
+        "masks": len(dec),
+        "rejected": len(rej),
+        "rejected_fraction": round(len(rej) / len(dec), 4) if len(dec) else 0.0,
+        "volumes_dropped": int(dec.loc[dec["action"] == "drop", "volume"].nunique()) if len(dec) else 0,
+        "errors": len(errs),
+        "most_rejected": rej.groupby("organ").size().sort_values(ascending=False).head(5).to_dict() if len(rej) else {},
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if plots and len(dec):
+        _plot_organs(dec, thr, out / "plots")
+    return summary
+
+
+def _plot_organs(dec: pd.DataFrame, thr: pd.DataFrame, folder: Path) -> None:
+    """One PNG per organ: histograms of the three features, kept vs rejected, dashed thresholds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from custom.io import atomic_path
+
+    folder.mkdir(exist_ok=True)
+    thr = thr.set_index("organ_id")
+    for organ_id, grp in dec.groupby("organ_id"):
+        t = thr.loc[organ_id]
+        bad = grp["rejected"].astype(bool).to_numpy()
+        fig = Figure(figsize=(9, 2.6), dpi=72)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 3)
+        fig.subplots_adjust(left=0.05, right=0.98, bottom=0.15, top=0.8, wspace=0.25)
+        for ax, f in zip(axes, FEATURES):
+            x = grp[f].to_numpy(dtype=float)
+            ax.hist([x[~bad], x[bad]], bins=20, histtype="stepfilled", color=["tab:blue", "tab:red"], alpha=0.7, label=["kept", "rejected"])
+            if bool(t.get("fitted", False)):
+                for v in (t[f"{f}_lo"], t[f"{f}_hi"]):
+                    ax.axvline(v, color="k", ls="--", lw=1)
+            ax.set_title(f, fontsize=9)
+            ax.tick_params(labelsize=7)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{organ_id} {t['organ']}: {int(bad.sum())}/{len(grp)} rejected (dashed: thresholds)", fontsize=10)
+        with atomic_path(folder / f"{int(organ_id):02d}_{t['organ']}.png") as tmp:
+            fig.savefig(tmp)
+
+
+def run(
+    datalist: str | Path,
+    output_dir: str | Path,
+    workers: int = 0,
+    scheduler: str | None = None,
+    keys: Sequence[str] | str | None = None,
+    eps: float = cohort.DEFAULT_EPS,
+    action: str = "ignore",
+    min_samples: int = cohort.DEFAULT_MIN_SAMPLES,
+    use_priors: bool = False,
+    min_fraction: float = DEFAULT_MIN_FRACTION,
+    body: str = "labels",
+    plots: bool = True,
+) -> dict[str, Any]:
+    """All of SOLF: stage A, stage B, filtered labels, report. Returns the summary (also printed)."""
+    config = StageAConfig(min_fraction=min_fraction, body=body)
+    stage_a = features(datalist, output_dir, workers, scheduler, keys, config)
+    fit(output_dir, eps, action, min_samples, use_priors=use_priors)
+    applied = apply(datalist, output_dir, workers, scheduler, keys, config)
+    summary = {"stage_a": stage_a, "apply": applied, **report(output_dir, plots)}
+    print(json.dumps(summary), flush=True)
+    return summary

@@ -1,0 +1,167 @@
+"""SOLF stage B: the dataset-level rule (``SPEC.md`` section 2, steps 3-5).
+
+For every organ, each of the three features (normalised volume, sphericity, eccentricity) is fitted
+robustly over the cohort (median, MAD x 1.4826). An organ mask is an outlier on a feature when it lies
+more than ``eps`` robust standard deviations from the median; it is rejected when at least two of
+the three features are outliers (optionally also when it breaks an absolute prior, a third stage that
+never acts alone). Everything here works on pandas tables: the reduce over 51,761 x 72 rows is small.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from custom.labels import IGNORE_LABEL
+from custom.solf.features import FEATURES
+
+DEFAULT_EPS = 2.0
+MAD_TO_SD = 1.4826
+ACTIONS = ("ignore", "background", "drop")
+#: organs seen fewer times than this are never rejected: a robust fit needs a cohort
+DEFAULT_MIN_SAMPLES = 5
+#: optional absolute volume priors in mL (SPEC): a third stage, only with ``use_priors=True``
+VOLUME_PRIORS_ML: Mapping[int, tuple[float, float]] = {5: (1000.0, 2500.0), 1: (100.0, 300.0), 2: (80.0, 200.0), 3: (80.0, 200.0)}
+DECISION_COLUMNS = [
+    "volume", "organ_id", "organ", "norm_volume", "sphericity", "eccentricity", "outliers", "rejected", "action",
+]
+
+
+def fit(features: pd.DataFrame, eps: float = DEFAULT_EPS, min_samples: int = DEFAULT_MIN_SAMPLES) -> pd.DataFrame:
+    """Per-organ robust thresholds.
+
+    Args:
+        features: stage-A table with at least ``organ_id``, ``organ`` and the :data:`FEATURES` columns.
+        eps: number of robust standard deviations that still count as normal.
+        min_samples: organs with fewer masks get no thresholds (``fitted`` is False).
+
+    Returns:
+        one row per organ: ``organ_id, organ, n, fitted`` and for each feature ``f``:
+        ``f_median, f_sd`` (1.4826 x MAD), ``f_lo, f_hi`` (median -/+ eps x sd).
+    """
+    rows = []
+    for (organ_id, organ), grp in features.groupby(["organ_id", "organ"], sort=True):
+        row: dict[str, object] = {"organ_id": int(organ_id), "organ": organ, "n": len(grp), "fitted": len(grp) >= min_samples}
+        for f in FEATURES:
+            x = grp[f].to_numpy(dtype=np.float64)
+            x = x[np.isfinite(x)]
+            med = float(np.median(x)) if len(x) else np.nan
+            sd = float(MAD_TO_SD * np.median(np.abs(x - med))) if len(x) else np.nan
+            row.update({f"{f}_median": med, f"{f}_sd": sd, f"{f}_lo": med - eps * sd, f"{f}_hi": med + eps * sd})
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out.attrs["eps"] = eps
+    return out
+
+
+def decide(
+    features: pd.DataFrame,
+    thresholds: pd.DataFrame,
+    action: str = "ignore",
+    min_votes: int = 2,
+    use_priors: bool = False,
+    priors: Mapping[int, tuple[float, float]] = VOLUME_PRIORS_ML,
+    max_rejected: int = 3,
+) -> pd.DataFrame:
+    """The decision table: one row per volume and organ, with the outlier vote and the action.
+
+    Args:
+        features: stage-A table (``volume``, ``organ_id``, ``organ``, features, ``volume_ml``).
+        thresholds: the output of :func:`fit`.
+        action: what happens to a rejected mask: ``ignore`` (voxels -> ``IGNORE_LABEL``, masked by the
+            loss), ``background`` (voxels -> 0) or ``drop`` (the whole volume is excluded when more
+            than ``max_rejected`` of its organs are rejected; otherwise its rejected masks are ignored).
+        min_votes: features that must be outliers to reject (the paper's rule: 2 of 3).
+        use_priors: also reject masks whose ``volume_ml`` breaks ``priors`` (a third stage).
+
+    Returns:
+        :data:`DECISION_COLUMNS` plus ``out_<feature>`` flags and ``prior_violation``.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+    cols = ["organ_id", "fitted"] + [f"{f}_{s}" for f in FEATURES for s in ("lo", "hi")]
+    d = features.merge(thresholds[cols], on="organ_id", how="left")
+    fitted = d["fitted"].fillna(False).astype(bool)
+    votes = np.zeros(len(d), dtype=int)
+    for f in FEATURES:
+        out = fitted & ((d[f] < d[f"{f}_lo"]) | (d[f] > d[f"{f}_hi"]))
+        d[f"out_{f}"] = out.to_numpy()
+        votes += out.to_numpy(dtype=int)
+    d["outliers"] = votes
+    prior_bad = np.zeros(len(d), dtype=bool)
+    if use_priors:
+        lo = d["organ_id"].map(lambda i: priors.get(int(i), (-np.inf, np.inf))[0]).to_numpy(dtype=float)
+        hi = d["organ_id"].map(lambda i: priors.get(int(i), (-np.inf, np.inf))[1]).to_numpy(dtype=float)
+        prior_bad = (d["volume_ml"].to_numpy() < lo) | (d["volume_ml"].to_numpy() > hi)
+    d["prior_violation"] = prior_bad
+    d["rejected"] = (votes >= min_votes) | prior_bad
+    per_volume = d.groupby("volume")["rejected"].transform("sum")
+    if action == "drop":
+        d["action"] = np.where(per_volume > max_rejected, "drop", np.where(d["rejected"], "ignore", "keep"))
+    else:
+        d["action"] = np.where(d["rejected"], action, "keep")
+    extra = [f"out_{f}" for f in FEATURES] + ["prior_violation"]
+    return d[DECISION_COLUMNS + extra].sort_values(["volume", "organ_id"]).reset_index(drop=True)
+
+
+def summary(decisions: pd.DataFrame, thresholds: pd.DataFrame) -> pd.DataFrame:
+    """Per-organ kept / rejected counts joined to the thresholds used (``thresholds.csv``)."""
+    counts = decisions.groupby("organ_id").agg(kept=("rejected", lambda r: int((~r).sum())), rejected=("rejected", "sum"))
+    out = thresholds.merge(counts.reset_index(), on="organ_id", how="left")
+    out[["kept", "rejected"]] = out[["kept", "rejected"]].fillna(0).astype(int)
+    return out
+
+
+def organ_actions(decisions: pd.DataFrame) -> dict[str, dict[int, str]]:
+    """``{volume: {organ_id: action}}`` for every mask whose action is not ``keep``."""
+    bad = decisions[decisions["action"] != "keep"]
+    out: dict[str, dict[int, str]] = {}
+    for vol, organ, act in zip(bad["volume"], bad["organ_id"], bad["action"]):
+        out.setdefault(str(vol), {})[int(organ)] = str(act)
+    return out
+
+
+def dropped_volumes(decisions: pd.DataFrame) -> set[str]:
+    """Volumes excluded by the ``drop`` action."""
+    return set(decisions.loc[decisions["action"] == "drop", "volume"].astype(str))
+
+
+def apply_actions(labels: np.ndarray, actions: Mapping[int, str], ignore_value: int = IGNORE_LABEL) -> np.ndarray:
+    """Relabel rejected organs of one label map: ``ignore`` -> ``ignore_value``, ``background`` -> 0.
+
+    ``drop`` marks a volume that should not be used at all; its organs are left unchanged here
+    (use :func:`keep_volumes` on the datalist). Returns a new array with the dtype widened when
+    ``ignore_value`` does not fit.
+    """
+    labels = np.asarray(labels)
+    if not actions:
+        return labels.copy()
+    table = np.arange(max(int(labels.max(initial=0)), max(actions)) + 1, dtype=np.int64)
+    for organ, act in actions.items():
+        if act == "ignore":
+            table[organ] = ignore_value
+        elif act == "background":
+            table[organ] = 0
+    dtype = labels.dtype if np.can_cast(np.min_scalar_type(ignore_value), labels.dtype) else np.int16
+    return table[labels.astype(np.int64)].astype(dtype)
+
+
+def keep_volumes(datalist: Iterable[Mapping], decisions: pd.DataFrame | str, key: str = "label") -> list[Mapping]:
+    """The datalist without the volumes that the ``drop`` action excluded (usable from bundle configs)."""
+    if isinstance(decisions, str):
+        decisions = pd.read_csv(decisions)
+    dropped = dropped_volumes(decisions)
+    if not dropped:
+        return list(datalist)
+    return [item for item in datalist if match_volume(str(item[key]), dropped) is None]
+
+
+def match_volume(path: str, volumes: Iterable[str]) -> str | None:
+    """The entry of ``volumes`` (paths relative to a datalist) that ``path`` ends with, if any."""
+    norm = path.replace("\\", "/")
+    for vol in volumes:
+        if norm == vol or norm.endswith("/" + vol.lstrip("./")):
+            return vol
+    return None

@@ -1,0 +1,202 @@
+"""SOLF as MONAI transforms, for ``train.json`` pipelines (array and dictionary versions).
+
+- :class:`OrganComponentFilter` / ``d``: stage-A component cleaning of a label map.
+- :class:`SOLFFeatures` / ``d``: stage-A features of a label map (a list of per-organ records).
+- :class:`ApplySOLFDecision` / ``d``: stage-B decisions (``decisions.csv``) applied on the fly:
+  rejected organs become the ignore value (or background).
+
+Label maps go in channel-first ``(1, H, W, D)`` (as after ``EnsureChannelFirstd``), as MetaTensor or
+NumPy; spacing comes from the MetaTensor's affine (or ``affine=``). Outputs keep type and metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Hashable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+from monai.utils import convert_to_dst_type
+
+from custom.labels import IGNORE_LABEL, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, ComponentRange
+from custom.solf.cohort import apply_actions, organ_actions
+from custom.solf.features import DEFAULT_MIN_FRACTION, OrganFeatures, clean_components, volume_features
+
+
+def _as_numpy_3d(label: Any) -> np.ndarray:
+    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    if arr.ndim != 4 or arr.shape[0] != 1:
+        raise ValueError(f"expected a channel-first label map (1, H, W, D), got shape {arr.shape}")
+    arr = arr[0]
+    if arr.dtype.kind == "f":
+        arr = np.rint(arr)
+    return arr.astype(np.int32)
+
+
+def _affine(label: Any, affine: np.ndarray | None) -> np.ndarray | None:
+    if affine is not None:
+        return np.asarray(affine)
+    if isinstance(label, MetaTensor):
+        return label.affine.detach().cpu().numpy()
+    return None
+
+
+def _back(arr: np.ndarray, like: Any) -> Any:
+    out, *_ = convert_to_dst_type(arr[None], like, dtype=like.dtype if hasattr(like, "dtype") else None)
+    return out
+
+
+class OrganComponentFilter(Transform):
+    """Keep each organ's largest components, as many as its expected range allows (SOLF stage A.1).
+
+    Input: integer label map ``(1, H, W, D)``. Output: the same shape and type, stray fragments set to 0.
+    """
+
+    def __init__(self, ranges: Mapping[int, ComponentRange] = UKBOB_COMPONENT_RANGES, min_fraction: float = DEFAULT_MIN_FRACTION):
+        self.ranges, self.min_fraction = ranges, min_fraction
+
+    def __call__(self, label: Any) -> Any:
+        cleaned, _ = clean_components(_as_numpy_3d(label), self.ranges, self.min_fraction)
+        return _back(cleaned, label)
+
+
+class OrganComponentFilterd(MapTransform):
+    """Dictionary version of :class:`OrganComponentFilter`."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        ranges: Mapping[int, ComponentRange] = UKBOB_COMPONENT_RANGES,
+        min_fraction: float = DEFAULT_MIN_FRACTION,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.filter = OrganComponentFilter(ranges, min_fraction)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.filter(d[key])
+        return d
+
+
+class SOLFFeatures(Transform):
+    """Stage-A features of one label map: a list of :class:`~custom.solf.features.OrganFeatures`.
+
+    Input: label map ``(1, H, W, D)`` (spacing from its MetaTensor affine) and optionally the image
+    ``(C, H, W, D)`` for the body volume. Output: one record per organ present (volumes in mL, areas
+    in mm^2), measured after component cleaning (``clean=False`` measures the raw masks).
+    """
+
+    def __init__(
+        self,
+        organ_names: Mapping[int, str] = UKBOB_LABELS,
+        ranges: Mapping[int, ComponentRange] = UKBOB_COMPONENT_RANGES,
+        min_fraction: float = DEFAULT_MIN_FRACTION,
+        clean: bool = True,
+    ):
+        self.organ_names, self.ranges, self.min_fraction, self.clean = organ_names, ranges, min_fraction, clean
+
+    def __call__(self, label: Any, image: Any = None, affine: np.ndarray | None = None) -> list[OrganFeatures]:
+        img = None
+        if image is not None:
+            img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        _, rows = volume_features(
+            _as_numpy_3d(label), _affine(label, affine), img, self.organ_names, self.ranges, self.min_fraction, self.clean
+        )
+        return rows
+
+
+class SOLFFeaturesd(MapTransform):
+    """Dictionary version of :class:`SOLFFeatures`: stores the records under ``features_key``."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str | None = None,
+        features_key: str = "solf_features",
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.image_key, self.features_key = image_key, features_key
+        self.features = SOLFFeatures(**kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.features_key] = self.features(d[key], d.get(self.image_key) if self.image_key else None)
+        return d
+
+
+class DecisionTable:
+    """``decisions.csv`` loaded once: the actions of one volume, looked up by its label file path.
+
+    Volumes are stored relative to the datalist (``labels/case_001.nii.gz``); a loaded file name
+    (often absolute) matches the entry that it ends with.
+    """
+
+    def __init__(self, decisions: str | Path | pd.DataFrame):
+        df = decisions if isinstance(decisions, pd.DataFrame) else pd.read_csv(decisions)
+        self.actions = organ_actions(df)
+        self.known = set(df["volume"].astype(str))
+
+    def lookup(self, filename: str) -> dict[int, str] | None:
+        """Actions of that volume (``{}`` when all kept), or ``None`` when the table does not know it."""
+        parts = Path(str(filename)).as_posix().split("/")
+        for i in range(len(parts)):
+            key = "/".join(parts[i:])
+            if key in self.known:
+                return self.actions.get(key, {})
+        return None
+
+
+class ApplySOLFDecision(Transform):
+    """Apply SOLF stage-B decisions to one label map.
+
+    Input: label map ``(1, H, W, D)`` whose MetaTensor ``filename_or_obj`` (or ``filename=``) names the
+    volume. Output: the same, with each rejected organ set to ``ignore_value`` (action ``ignore``)
+    or 0 (``background``). A volume missing from the table raises ``KeyError`` unless
+    ``allow_unknown=True`` (then it passes unchanged).
+    """
+
+    def __init__(self, decisions: str | Path | pd.DataFrame | DecisionTable, ignore_value: int = IGNORE_LABEL, allow_unknown: bool = False):
+        self.table = decisions if isinstance(decisions, DecisionTable) else DecisionTable(decisions)
+        self.ignore_value, self.allow_unknown = ignore_value, allow_unknown
+
+    def __call__(self, label: Any, filename: str | None = None) -> Any:
+        if filename is None and isinstance(label, MetaTensor):
+            filename = label.meta.get("filename_or_obj")
+        actions = self.table.lookup(str(filename)) if filename is not None else None
+        if actions is None:
+            if self.allow_unknown:
+                return label
+            raise KeyError(f"{filename}: not in the SOLF decisions table; run `python -m custom.solf run` on this datalist")
+        if not actions:
+            return label
+        return _back(apply_actions(_as_numpy_3d(label), actions, self.ignore_value).astype(np.int32), label)
+
+
+class ApplySOLFDecisiond(MapTransform):
+    """Dictionary version of :class:`ApplySOLFDecision` (the label's file name comes from its metadata)."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        decisions: str | Path | pd.DataFrame,
+        ignore_value: int = IGNORE_LABEL,
+        allow_unknown: bool = False,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.apply = ApplySOLFDecision(decisions, ignore_value, allow_unknown)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.apply(d[key])
+        return d
