@@ -6,6 +6,10 @@ image with ``monai.transforms.Flip`` (metadata and applied-operation tracking in
 left id to its right id and back. Lung lobes have no one-to-one partner (2 left, 3 right lobes), so a
 label map that contains lobes is either not flipped (``lung_policy="skip"``, default) or flipped
 with its lobes set to the ignore value that the loss masks (``"ignore"``).
+
+BraTS 2023 labels (1 NCR, 2 ED, 3 ET) to the three nested sigmoid regions TC / WT / ET and back:
+:class:`BratsLabelToRegions(d)` and :class:`BratsRegionsToLabel(d)` (MONAI's
+``ConvertToMultiChannelBasedOnBratsClasses`` uses the 2021 ET id 4).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import Flip, MapTransform, RandomizableTransform, Transform
+from monai.utils import convert_to_dst_type, convert_to_tensor
 
-from custom.labels import IGNORE_LABEL, UKBOB_LR_PAIRS, UKBOB_LUNG_LOBE_IDS
+from custom.io import InputError
+from custom.labels import BRATS_LABELS, BRATS_REGIONS, IGNORE_LABEL, UKBOB_LR_PAIRS, UKBOB_LUNG_LOBE_IDS
 
 LUNG_POLICIES = ("skip", "ignore", "error")
 
@@ -120,4 +126,103 @@ class RandFlipSwapLRd(RandomizableTransform, MapTransform):
             return d
         for key in self.key_iterator(d):
             d[key] = self.label_flip(d[key]) if key in self.label_keys else self.image_flip(d[key])
+        return d
+
+
+# ---------------------------------------------------------------- BraTS 2023 labels <-> TC/WT/ET
+# MONAI's ConvertToMultiChannelBasedOnBratsClasses expects the BraTS 2021 ET id 4; BraTS 2023 uses 3.
+def _brats_paint_order() -> tuple[tuple[int, int], ...]:
+    """(region channel, the one id it adds) from the largest region to the smallest.
+
+    From ``custom.labels.BRATS_REGIONS``: WT adds ED (2), TC adds NCR (1), ET adds ET (3).
+    """
+    regions = [ids for _, ids in BRATS_REGIONS]
+    order = []
+    for channel in sorted(range(len(regions)), key=lambda c: -len(regions[c])):
+        own = regions[channel] - set().union(*(r for r in regions if r < regions[channel]))
+        if len(own) != 1:
+            raise ValueError(f"BRATS_REGIONS are not nested one id at a time: {BRATS_REGIONS}")
+        order.append((channel, next(iter(own))))
+    return tuple(order)
+
+
+BRATS_PAINT_ORDER = _brats_paint_order()
+BRATS_IDS = frozenset(BRATS_LABELS)
+
+
+def _meta_file(img: Any) -> str | None:
+    name = getattr(img, "meta", {}).get("filename_or_obj") if hasattr(img, "meta") else None
+    return str(name) if name else None
+
+
+class BratsLabelToRegions(Transform):
+    """BraTS 2023 label map -> one binary channel per region of ``BRATS_REGIONS`` (TC, WT, ET).
+
+    Input: ``(1, H, W, D)`` ids 0 background, 1 NCR, 2 ED, 3 ET (tensor, MetaTensor or NumPy).
+    Output: ``(3, H, W, D)`` float32 masks TC = {1, 3}, WT = {1, 2, 3}, ET = {3}, same type and
+    metadata. Any other id (e.g. 4, the BraTS 2021 ET id) raises :class:`custom.io.InputError`.
+    """
+
+    def __call__(self, label: Any) -> Any:
+        lab = convert_to_tensor(label, track_meta=False)
+        if lab.ndim != 4 or lab.shape[0] != 1:
+            raise ValueError(f"expected a channel-first label map (1, H, W, D), got shape {tuple(lab.shape)}")
+        lab = lab.long()
+        bad = sorted(set(torch.unique(lab).tolist()) - BRATS_IDS)
+        if bad:
+            fix = "BraTS 2021 files use 4 for ET: map 4 -> 3" if 4 in bad else "give a BraTS 2023 label map"
+            raise InputError(_meta_file(label), f"label id(s) {bad} are not BraTS 2023 ids {sorted(BRATS_IDS)}", fix)
+        masks = torch.cat([torch.isin(lab, torch.tensor(sorted(ids))) for _, ids in BRATS_REGIONS]).float()
+        out, *_ = convert_to_dst_type(masks, label, dtype=torch.float32 if not isinstance(label, np.ndarray) else np.float32)
+        return out
+
+
+class BratsRegionsToLabel(Transform):
+    """TC / WT / ET masks -> BraTS 2023 label map: WT \\ TC -> 2 (ED), TC \\ ET -> 1 (NCR), ET -> 3.
+
+    Input: ``(3, H, W, D)`` binary masks in ``BRATS_REGIONS`` order (e.g. sigmoid outputs after
+    ``AsDiscrete(threshold=0.5)``). Regions are painted largest first (WT, TC, ET), so a voxel in a
+    smaller region gets its id even where a network's masks are not nested.
+    Output: ``(1, H, W, D)`` ids 0..3, same type and metadata (dtype ``dtype``).
+    """
+
+    def __init__(self, dtype: Any = torch.uint8):
+        self.dtype = dtype
+
+    def __call__(self, regions: Any) -> Any:
+        reg = convert_to_tensor(regions, track_meta=False)
+        if reg.ndim != 4 or reg.shape[0] != len(BRATS_REGIONS):
+            raise ValueError(f"expected {len(BRATS_REGIONS)} region channels (C, H, W, D), got shape {tuple(reg.shape)}")
+        label = torch.zeros((1, *reg.shape[1:]), dtype=torch.uint8, device=reg.device)
+        for channel, idx in BRATS_PAINT_ORDER:
+            label[0][reg[channel] > 0.5] = idx
+        out, *_ = convert_to_dst_type(label, regions, dtype=self.dtype)
+        return out
+
+
+class BratsLabelToRegionsd(MapTransform):
+    """Dictionary version of :class:`BratsLabelToRegions`: ``keys`` hold ``(1, H, W, D)`` BraTS 2023 label maps."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.converter = BratsLabelToRegions()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d
+
+
+class BratsRegionsToLabeld(MapTransform):
+    """Dictionary version of :class:`BratsRegionsToLabel`: ``keys`` hold ``(3, H, W, D)`` TC/WT/ET masks."""
+
+    def __init__(self, keys: KeysCollection, dtype: Any = torch.uint8, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.converter = BratsRegionsToLabel(dtype)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
         return d
