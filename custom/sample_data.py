@@ -10,6 +10,9 @@ dataset folder):
   NIfTI; the series folder itself is kept for DICOM inference), plus the real MR for domain shift.
 - ``ukbob_sample``: the same anatomy relabelled to the 73 UKBOB classes, with four Dixon-like
   channels derived from CT (see that folder's README: how, and why it is not real Dixon MRI).
+- ``brats_sample``: real T1 post-contrast brain MRI from pyradiomics' BSD-3 sdist with derived
+  T1 / T2 / FLAIR channels and BraTS 2023 sub-region labels derived from the lesion masks (that
+  folder's README says exactly how; it is not BraTS data).
 
 ``python -m custom.sample_data [--root DIR]`` builds everything; ``SWIN_BOB_DATA`` sets the cache
 (default ``~/.cache/swin_bob``). Building is atomic (temporary folder, then rename) and idempotent.
@@ -101,7 +104,21 @@ TOTALSEGMENTATOR = Sdist(
     },
 )
 
-SOURCES: Mapping[str, Sdist] = {"totalsegmentator": TOTALSEGMENTATOR}
+PYRADIOMICS = Sdist(
+    name="pyradiomics",
+    version="3.0.1",
+    sha256="47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5",
+    files={
+        "data/brain1_image.nrrd": "fffdb111ee8b428ede7256707393c927a7d5be912f0604cf3c6f1bd5fc9644cf",
+        "data/brain1_label.nrrd": "ae6d8e6b84f7e99d68c210ee2fa6aaaefa0b2df0a84f55efca4feebe2b216059",
+        "data/brain2_image.nrrd": "d35a1c6a3e1eb72bae97c5515472fbe057fb38ee8e1e199215d1c3c6f292332e",
+        "data/brain2_label.nrrd": "15189c024936ecc337649b9a10c475117c7c40df0d53c22163f9a2023ed741a5",
+    },
+    # its setup.py imports numpy: build metadata with this interpreter's numpy, not an isolated env
+    pip_args=("--no-build-isolation",),
+)
+
+SOURCES: Mapping[str, Sdist] = {"totalsegmentator": TOTALSEGMENTATOR, "pyradiomics": PYRADIOMICS}
 
 
 # ---------------------------------------------------------------- fetch
@@ -364,10 +381,111 @@ def build_ukbob_sample(root: Path, raw: Path) -> Path:
     )
 
 
+_BRATS_README = """# brats_sample: real brain MRI in the BraTS layout (4 channels, 2023 label ids)
+
+Built by `python -m custom.sample_data` from pyradiomics 3.0.1 (BSD-3-Clause) `data/brain1_*`,
+`data/brain2_*`: two real T1 post-contrast (T1c) brain MRIs, 256x256x25 / 23 voxels at
+0.78x0.78x6.5 mm, each with a binary lesion mask. **Only T1c is real.** No real T1 / T2 / FLAIR
+and no BraTS sub-region labels exist for these scans, so (`custom.sample_data.brats_from_t1c`):
+
+- head mask `H`: T1c > 5% of its 99th percentile, largest connected component, holes filled;
+  every channel is 0 outside `H` (the images are not skull-stripped, unlike BraTS);
+- labels (BraTS 2023 ids): `ET` (3) = lesion voxels at or above the lesion's median T1c (the
+  enhancing part), `NCR` (1) = the rest of the lesion, `ED` (2) = voxels of `H` outside the lesion
+  within 7 mm of it (a physical-distance shell: in-plane rings plus the neighbouring slices);
+- channel 0 `t1` = T1c clipped at the 75th percentile of `H` (enhancement clipped);
+  channel 1 `t1c` = the real image; channel 2 `t2` = the inverted clipped T1c (`p99 - t1`, dark
+  T1 voxels bright) with +50% of `p99` added in ED and the lesion; channel 3 `flair` = `t2` with
+  the unlabelled voxels in the top 10% of the inverted T1c (fluid-like) scaled by 0.2, i.e. fluid
+  suppressed while ED stays bright.
+
+ED is bright in `t2`/`flair` by construction and ET is the bright part of the real lesion: the
+sample is learnable, but it is not BraTS data. Do not report results on it as brain tumour results.
+
+| split | case | source |
+|---|---|---|
+| training | brain1 | brain1_image.nrrd + brain1_label.nrrd (lesion 4137 voxels, 7 slices) |
+| validation | brain2 | brain2_image.nrrd + brain2_label.nrrd (lesion 453 voxels, 3 slices) |
+| test | brain2 | the same image, unlabelled, for inference |
+
+Images: float32, 4 channels stored channel-last (x, y, z, c) on the scans' own grid (RAS), labels uint8.
+"""
+
+
+def brats_from_t1c(t1c: np.ndarray, lesion: np.ndarray, spacing: tuple[float, ...],
+                   ed_mm: float = 7.0) -> tuple[np.ndarray, np.ndarray]:
+    """Four BraTS-like channels ``(4, *t1c.shape)`` and a 2023-id label map from a real T1c + lesion mask.
+
+    See ``_BRATS_README`` (written beside the data) for the exact recipe; only ``t1c`` is real.
+    """
+    from scipy import ndimage
+
+    t1c = t1c.astype(np.float32)
+    lesion = lesion > 0
+    head = t1c > 0.05 * np.percentile(t1c, 99)
+    comps, n = ndimage.label(head)
+    if n > 1:
+        head = comps == (np.argmax(np.bincount(comps.ravel())[1:]) + 1)
+    head = ndimage.binary_fill_holes(head) | lesion
+    label = np.zeros(t1c.shape, np.uint8)
+    if lesion.any():
+        enhancing = lesion & (t1c >= np.median(t1c[lesion]))
+        label[lesion] = 1
+        label[enhancing] = 3
+        dist = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+        label[(dist <= ed_mm) & ~lesion & head] = 2
+    p75, p99 = np.percentile(t1c[head], [75, 99])
+    t1 = np.minimum(t1c, p75)
+    inverted = np.where(head, p99 - t1, 0.0)
+    t2 = inverted + 0.5 * p99 * (label > 0)
+    fluid = head & (label == 0) & (inverted >= np.percentile(inverted[head], 90))
+    flair = np.where(fluid, 0.2 * t2, t2)
+    image = np.stack([t1, t1c, t2, flair]) * head
+    return image.astype(np.float32), label
+
+
+def _load_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An NRRD/NIfTI file as (array, RAS affine), in the closest canonical (RAS) axis order."""
+    from monai.transforms import LoadImage
+
+    img = LoadImage(reader="ITKReader", image_only=True, affine_lps_to_ras=True)(str(path))
+    return _canonical(np.asarray(img), np.asarray(img.affine, dtype=np.float64))
+
+
+def build_brats_sample(root: Path, raw: Path) -> Path:
+    cases = {}
+    for name in ("brain1", "brain2"):
+        t1c, affine = _load_itk(raw / "data" / f"{name}_image.nrrd")
+        lesion, lab_affine = _load_itk(raw / "data" / f"{name}_label.nrrd")
+        if lesion.shape != t1c.shape or not np.allclose(affine, lab_affine, atol=1e-3):
+            raise InputError(raw / "data" / f"{name}_label.nrrd", "lesion mask grid differs from the image", "report this")
+        spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+        image, label = brats_from_t1c(t1c, lesion, spacing)
+        cases[name] = Case(name, np.moveaxis(image, 0, -1), affine, label)
+    folder = write_dataset(
+        root / "brats_sample",
+        {"training": [cases["brain1"]], "validation": [cases["brain2"]]},
+        {
+            "name": "brats_sample",
+            "description": "Real T1c brain MRI (pyradiomics 3.0.1) with derived T1/T2/FLAIR and lesion sub-regions (not BraTS)",
+            "licence": "BSD-3-Clause (pyradiomics)",
+            "modality": {str(i): c for i, c in enumerate(L.BRATS_CONTRASTS)},
+            "labels": {str(k): v for k, v in L.BRATS_LABELS.items()},
+        },
+        _BRATS_README,
+    )
+    datalist = json.loads((folder / "dataset.json").read_text())
+    datalist["test"].append({"image": "images/brain2.nii.gz"})
+    datalist["numTest"] = len(datalist["test"])
+    atomic_write_text(folder / "dataset.json", json.dumps(datalist, indent=4) + "\n")
+    return folder
+
+
 #: dataset name -> (source sdist, builder). Other modules add theirs here (one registry).
 DATASETS: dict[str, tuple[str, Callable[[Path, Path], Path]]] = {
     "btcv_sample": ("totalsegmentator", build_btcv_sample),
     "ukbob_sample": ("totalsegmentator", build_ukbob_sample),
+    "brats_sample": ("pyradiomics", build_brats_sample),
 }
 _BUILD_VERSION = "1"
 

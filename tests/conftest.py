@@ -26,6 +26,13 @@ def ukbob_sample() -> Path:
 
 
 @pytest.fixture(scope="session")
+def brats_sample() -> Path:
+    from custom.sample_data import prepare
+
+    return prepare("brats_sample")
+
+
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
 
