@@ -43,7 +43,8 @@ class FlipSwapLR(Transform):
     where ``spatial_axis`` is left-right (axis 0 after ``Orientationd(axcodes="RAS")``).
     Output: the flipped, relabelled map (same type). Raises ``ValueError`` when the map contains an
     id of ``unpaired_ids`` (lung lobes) and ``unpaired="error"``; with ``"ignore"`` those voxels
-    become ``ignore_value``.
+    become ``ignore_value``. An id outside ``0..max(255, ignore_value)`` raises
+    :class:`custom.io.InputError`.
     """
 
     def __init__(
@@ -73,6 +74,9 @@ class FlipSwapLR(Transform):
         was_numpy = isinstance(label, np.ndarray)
         flipped = self.flip(torch.as_tensor(label) if was_numpy else label)
         ids = flipped.long().as_subclass(torch.Tensor)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.table)):
+            bad = torch.unique(ids[(ids < 0) | (ids >= len(self.table))])[:5].tolist()
+            raise InputError(_meta_file(label), f"label id(s) {bad} are outside 0..{len(self.table) - 1}", "remap the labels to the bundle's ids")
         swapped = self.table.to(ids.device)[ids].to(flipped.dtype)
         if was_numpy:
             return swapped.numpy().astype(label.dtype)

@@ -95,8 +95,8 @@ def result_path(output_dir: Path, volume: str) -> Path:
 def load_labels(path: str, max_id: int = max(UKBOB_LABELS)) -> tuple[np.ndarray, np.ndarray, Any]:
     """Read and validate one label map: ``(integer array (H, W, D), affine, nibabel header)``.
 
-    Raises :class:`BadVolume` for a missing, unreadable, non-3D or non-integer file, or ids outside
-    the taxonomy (``0..max_id`` without the unused ids).
+    Raises :class:`BadVolume` for a missing, unreadable, non-3D or non-integer file, ids outside
+    the taxonomy (``0..max_id`` without the unused ids), or a zero/NaN voxel spacing.
     """
     import nibabel as nib
 
@@ -127,7 +127,10 @@ def load_labels(path: str, max_id: int = max(UKBOB_LABELS)) -> tuple[np.ndarray,
     bad = sorted({int(i) for i in present if i in UKBOB_UNUSED_IDS} | (set(np.unique(arr[arr > max_id]).tolist()) if top > max_id else set()))
     if bad:
         raise BadVolume(f"{path}: label ids {bad[:5]} are outside the taxonomy (0..{max_id}). Fix: remap the labels to UKBOB ids")
-    return arr, np.asarray(img.affine), img.header
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise BadVolume(f"{path}: the voxel-to-mm matrix is degenerate (zero or NaN spacing). Fix: repair the header's pixdim/sform")
+    return arr, affine, img.header
 
 
 def stage_a_volume(item: Item, output_dir: str, config: StageAConfig) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from monai.utils import convert_to_dst_type
 
 from custom.labels import IGNORE_LABEL, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, ComponentRange
 from custom.solf.cohort import apply_actions, organ_actions
-from custom.solf.features import DEFAULT_MIN_FRACTION, OrganFeatures, clean_components, volume_features
+from custom.solf.features import DEFAULT_MIN_FRACTION, OrganFeatures, check_label_ids, clean_components, volume_features
 
 
 def _as_numpy_3d(label: Any) -> np.ndarray:
@@ -45,6 +45,11 @@ def _affine(label: Any, affine: np.ndarray | None) -> np.ndarray | None:
     return None
 
 
+def _source(label: Any) -> str | None:
+    name = label.meta.get("filename_or_obj") if isinstance(label, MetaTensor) else None
+    return str(name) if name else None
+
+
 def _back(arr: np.ndarray, like: Any) -> Any:
     out, *_ = convert_to_dst_type(arr[None], like, dtype=like.dtype if hasattr(like, "dtype") else None)
     return out
@@ -54,13 +59,22 @@ class OrganComponentFilter(Transform):
     """Keep each organ's largest components, as many as its expected range allows (SOLF stage A.1).
 
     Input: integer label map ``(1, H, W, D)``. Output: the same shape and type, stray fragments set to 0.
+    Raises :class:`~custom.io.InputError` for an id that is neither in ``ranges``, 0 nor ``ignore_value``.
     """
 
-    def __init__(self, ranges: Mapping[int, ComponentRange] = UKBOB_COMPONENT_RANGES, min_fraction: float = DEFAULT_MIN_FRACTION):
+    def __init__(
+        self,
+        ranges: Mapping[int, ComponentRange] = UKBOB_COMPONENT_RANGES,
+        min_fraction: float = DEFAULT_MIN_FRACTION,
+        ignore_value: int = IGNORE_LABEL,
+    ):
         self.ranges, self.min_fraction = ranges, min_fraction
+        self.known_ids = {0, ignore_value, *ranges}
 
     def __call__(self, label: Any) -> Any:
-        cleaned, _ = clean_components(_as_numpy_3d(label), self.ranges, self.min_fraction)
+        arr = _as_numpy_3d(label)
+        check_label_ids(arr, self.known_ids, _source(label))
+        cleaned, _ = clean_components(arr, self.ranges, self.min_fraction)
         return _back(cleaned, label)
 
 
@@ -90,6 +104,7 @@ class SOLFFeatures(Transform):
     Input: label map ``(1, H, W, D)`` (spacing from its MetaTensor affine) and optionally the image
     ``(C, H, W, D)`` for the body volume. Output: one record per organ present (volumes in mL, areas
     in mm^2), measured after component cleaning (``clean=False`` measures the raw masks).
+    Raises :class:`~custom.io.InputError` for an id that is not a key of ``organ_names``.
     """
 
     def __init__(
@@ -105,9 +120,9 @@ class SOLFFeatures(Transform):
         img = None
         if image is not None:
             img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-        _, rows = volume_features(
-            _as_numpy_3d(label), _affine(label, affine), img, self.organ_names, self.ranges, self.min_fraction, self.clean
-        )
+        arr = _as_numpy_3d(label)
+        check_label_ids(arr, self.organ_names, _source(label))
+        _, rows = volume_features(arr, _affine(label, affine), img, self.organ_names, self.ranges, self.min_fraction, self.clean)
         return rows
 
 
