@@ -1,0 +1,95 @@
+"""SOLF stage B: robust fit, the epsilon rule, the 2-of-3 vote, priors and actions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from custom.labels import IGNORE_LABEL
+from custom.solf import cohort
+
+
+def table(values: dict[str, list[float]], organ_id: int = 5, organ: str = "liver") -> pd.DataFrame:
+    n = len(values["norm_volume"])
+    return pd.DataFrame({"volume": [f"v{i:02d}" for i in range(n)], "organ_id": organ_id, "organ": organ,
+                         "volume_ml": [1500.0] * n, **values})
+
+
+def cohort_of_20(**override: tuple[float, float, float]) -> pd.DataFrame:
+    """20 masks with features spread 1 unit around (10, 0.6, 0.9) x scale; ``v00..`` rows overridden."""
+    base = np.linspace(-1, 1, 20)
+    vals = {"norm_volume": list(0.10 + 0.01 * base), "sphericity": list(0.60 + 0.02 * base), "eccentricity": list(0.90 + 0.01 * base)}
+    for i, (name, triple) in enumerate(override.items()):
+        for f, v in zip(cohort.FEATURES, triple):
+            vals[f][i] = v
+    return table(vals)
+
+
+def test_robust_fit_median_and_scaled_mad() -> None:
+    t = table({"norm_volume": [1, 2, 3, 4, 100.0], "sphericity": [0.5] * 5, "eccentricity": [0.1, 0.2, 0.3, 0.4, 0.5]})
+    thr = cohort.fit(t, eps=2, min_samples=5).iloc[0]
+    assert thr["norm_volume_median"] == 3.0
+    assert thr["norm_volume_sd"] == pytest.approx(1.4826 * 1.0)  # MAD of |x - 3| = (2,1,0,1,97) -> 1
+    assert thr["norm_volume_hi"] == pytest.approx(3 + 2 * 1.4826)
+    assert thr["eccentricity_lo"] == pytest.approx(0.3 - 2 * 1.4826 * 0.1)
+    assert bool(thr["fitted"])
+
+
+def test_two_of_three_rule() -> None:
+    t = cohort_of_20(
+        one=(0.5, 0.60, 0.90),  # volume only: an outlier on one feature, kept
+        two=(0.5, 0.30, 0.90),  # volume and sphericity: rejected
+        three=(0.5, 0.30, 0.50),  # all three: rejected
+    )
+    dec = cohort.decide(t, cohort.fit(t)).set_index("volume")
+    assert dec.loc["v00", "outliers"] == 1 and not dec.loc["v00", "rejected"] and dec.loc["v00", "action"] == "keep"
+    assert dec.loc["v01", "outliers"] == 2 and dec.loc["v01", "rejected"] and dec.loc["v01", "action"] == "ignore"
+    assert dec.loc["v02", "outliers"] == 3 and dec.loc["v02", "rejected"]
+    assert dec["rejected"].sum() == 2
+    assert list(dec.reset_index().columns[:9]) == cohort.DECISION_COLUMNS
+    # a larger epsilon keeps everything; a 1-of-3 vote rejects the volume-only outlier too
+    assert cohort.decide(t, cohort.fit(t, eps=100))["rejected"].sum() == 0
+    assert cohort.decide(t, cohort.fit(t), min_votes=1)["rejected"].sum() == 3
+
+
+def test_small_cohorts_are_never_rejected_and_priors_add_a_third_stage() -> None:
+    t = cohort_of_20(two=(0.5, 0.30, 0.90))
+    assert cohort.decide(t, cohort.fit(t, min_samples=50))["rejected"].sum() == 0
+    t.loc[5, "volume_ml"] = 4000.0  # a 4 L liver with normal shape features: only the prior catches it
+    assert cohort.decide(t, cohort.fit(t))["rejected"].sum() == 1
+    dec = cohort.decide(t, cohort.fit(t), use_priors=True)
+    assert dec["rejected"].sum() == 2 and bool(dec.loc[5, "prior_violation"])
+
+
+def test_actions_ignore_background_drop() -> None:
+    labels = np.array([[[0, 1, 2, 5]]], dtype=np.uint8)
+    np.testing.assert_array_equal(cohort.apply_actions(labels, {5: "ignore", 2: "background"}), [[[0, 1, 0, IGNORE_LABEL]]])
+    np.testing.assert_array_equal(cohort.apply_actions(labels, {}), labels)
+    t = cohort_of_20(two=(0.5, 0.30, 0.90))
+    dec = cohort.decide(t, cohort.fit(t), action="drop", max_rejected=0)
+    assert set(dec.loc[dec["action"] == "drop", "volume"]) == {"v00"} == cohort.dropped_volumes(dec)
+    datalist = [{"label": "/data/v00"}, {"label": "/data/v01"}]
+    assert cohort.keep_volumes(datalist, dec) == [{"label": "/data/v01"}]
+    with pytest.raises(ValueError, match="action"):
+        cohort.decide(t, cohort.fit(t), action="delete")
+
+
+def test_apply_decision_transform_looks_up_the_volume_by_path(tmp_path) -> None:
+    import torch
+    from monai.data import MetaTensor
+
+    from custom.solf.transforms import ApplySOLFDecisiond
+
+    dec = pd.DataFrame({"volume": ["labels/a.nii.gz", "labels/a.nii.gz", "labels/b.nii.gz"], "organ_id": [1, 5, 1],
+                        "organ": ["spleen", "liver", "spleen"], "norm_volume": 0.1, "sphericity": 0.5, "eccentricity": 0.9,
+                        "outliers": [0, 2, 0], "rejected": [False, True, False], "action": ["keep", "ignore", "keep"]})
+    dec.to_csv(tmp_path / "decisions.csv", index=False)
+    t = ApplySOLFDecisiond(["label"], str(tmp_path / "decisions.csv"))
+    lab = MetaTensor(torch.tensor([[[[0.0, 1.0, 5.0]]]]), meta={"filename_or_obj": "/data/set/labels/a.nii.gz"})
+    out = t({"label": lab})["label"]
+    assert out.flatten().tolist() == [0, 1, IGNORE_LABEL] and isinstance(out, MetaTensor)
+    lab_b = MetaTensor(torch.tensor([[[[0.0, 1.0, 5.0]]]]), meta={"filename_or_obj": "/data/set/labels/b.nii.gz"})
+    assert t({"label": lab_b})["label"].flatten().tolist() == [0, 1, 5]
+    with pytest.raises(KeyError, match="not in the SOLF decisions"):
+        t({"label": MetaTensor(torch.zeros(1, 1, 1, 1), meta={"filename_or_obj": "/x/c.nii.gz"})})
