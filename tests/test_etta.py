@@ -1,0 +1,318 @@
+"""ETTA (``custom.etta``): entropy test-time adaptation as a MONAI inferer.
+
+Real parts only: a tiny Swin-UNETR (feature_size 12) on a crop of the real sample CT, MONAI's
+SlidingWindowInferer and SupervisedEvaluator, torch's own CPU memory accounting. A small conv net
+with affine GroupNorm stands in where many passes are needed (exact-gradient, memory, sigmoid and
+weighting checks), which also covers the "GroupNorm elsewhere" path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from custom.etta import (
+    EntropyTTAInferer,
+    ETTAStatsHandler,
+    entropy_weights,
+    norm_affine_parameters,
+    sigmoid_entropy,
+    softmax_entropy,
+)
+from custom.labels import BTCV_CT_WINDOW, BTCV_NUM_CLASSES
+
+ROI = (32, 32, 64)  # smallest window a Swin-UNETR accepts (bottleneck needs > 1 voxel)
+CROP = (slice(45, 77), slice(35, 67), slice(8, 104))  # 32 x 32 x 96 of the real CT: liver, kidney, vessels
+
+
+def conv_net(in_ch: int = 1, out_ch: int = 3, hidden: int = 8, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv3d(in_ch, hidden, 3, padding=1),
+        nn.GroupNorm(2, hidden),
+        nn.ReLU(),
+        nn.Conv3d(hidden, hidden, 3, padding=1),
+        nn.GroupNorm(2, hidden),
+        nn.ReLU(),
+        nn.Conv3d(hidden, out_ch, 1),
+    ).eval()
+
+
+def tiny_swin(out_ch: int, seed: int = 0) -> nn.Module:
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(seed)
+    return SwinUNETR(in_channels=1, out_channels=out_ch, feature_size=12, depths=(1, 1, 1, 1), spatial_dims=3).eval()
+
+
+def shift(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A domain shift: gamma 0.6, a smooth multiplicative bias field (+-20 %), Gaussian noise (sd 0.03)."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in x.shape[2:]], indexing="ij")
+    field = 1.0 + 0.2 * grid[0] * grid[2]
+    return (x.clamp(0, 1) ** 0.6 * field + 0.03 * torch.randn(x.shape, generator=g)).float()
+
+
+@pytest.fixture(scope="module")
+def ct_crop(btcv_sample):
+    """Real CT crop windowed to [0, 1] (1, 1, 32, 32, 96) and its 14-class BTCV labels (1, 1, ...)."""
+    lo, hi = BTCV_CT_WINDOW
+    img = nib.load(btcv_sample / "images" / "ct_abdomen.nii.gz").get_fdata()[CROP]
+    lab = nib.load(btcv_sample / "labels" / "ct_abdomen.nii.gz").get_fdata()[CROP]
+    x = torch.tensor(np.clip((img - lo) / (hi - lo), 0, 1), dtype=torch.float32)[None, None]
+    return x, torch.tensor(lab, dtype=torch.float32)[None, None]
+
+
+def params_snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def same_state(net: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
+    sd = net.state_dict()
+    return sd.keys() == snap.keys() and all(torch.equal(sd[k], snap[k]) for k in sd)
+
+
+# ------------------------------------------------------------------------------ pure functions
+def test_entropies_of_known_distributions():
+    uniform = torch.zeros(1, 5, 2, 2, 2)
+    assert torch.allclose(softmax_entropy(uniform), torch.full((1, 1, 2, 2, 2), math.log(5)))
+    assert torch.allclose(sigmoid_entropy(torch.zeros(1, 3, 2, 2, 2)), torch.full((1, 1, 2, 2, 2), 3 * math.log(2)))
+    confident = torch.tensor([40.0, -40.0, -40.0]).view(1, 3, 1, 1, 1)
+    assert softmax_entropy(confident).item() < 1e-12
+    assert sigmoid_entropy(confident).item() < 1e-12  # stable for large |logit|
+
+
+def test_weights_sum_to_one_and_small_tau_picks_lowest_entropy():
+    h = [0.52, 0.47, 0.45, 0.46]
+    w = entropy_weights(h, tau=0.01)
+    assert w.sum() == pytest.approx(1.0)
+    assert list(np.argsort(-w)) == [2, 3, 1, 0]  # lower entropy, larger weight
+    assert np.allclose(entropy_weights(h, tau=1e-9), [0, 0, 1, 0])
+    assert np.allclose(entropy_weights(h, tau=1e9), 0.25)
+    with pytest.raises(ValueError):
+        entropy_weights(h, tau=0.0)
+
+
+def test_adapted_parameters_are_the_norm_affines():
+    swin = tiny_swin(out_ch=3)
+    params = norm_affine_parameters(swin)
+    layer_norms = [m for m in swin.modules() if isinstance(m, nn.LayerNorm)]
+    # every LayerNorm's weight and bias, and nothing from the non-affine InstanceNorm of the conv blocks
+    assert len(params) == 2 * len(layer_norms) > 0
+    assert {id(p) for p in params} == {id(p) for m in layer_norms for p in (m.weight, m.bias)}
+    assert all(not m.affine for m in swin.modules() if isinstance(m, nn.InstanceNorm3d))
+    assert len(norm_affine_parameters(conv_net())) == 4  # two affine GroupNorms
+
+
+def test_network_without_affine_norm_is_refused():
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.Conv3d(4, 2, 1))
+    with pytest.raises(ValueError, match="nothing to adapt"):
+        EntropyTTAInferer(roi_size=16, steps=1)(torch.rand(1, 1, 16, 16, 16), net)
+    with pytest.raises(ValueError):
+        EntropyTTAInferer(roi_size=16, activation="relu")
+
+
+# --------------------------------------------------------------------------- tiny Swin-UNETR
+@pytest.fixture(scope="module")
+def swin_run(ct_crop):
+    """Adapt a tiny Swin-UNETR on the shifted real CT crop (2 windows, K = 2) under torch.no_grad()."""
+    swin = tiny_swin(out_ch=4)
+    swin.train()  # a non-default mode, to check that it comes back
+    flags = {n: p.requires_grad for n, p in swin.named_parameters()}
+    snap = params_snapshot(swin)
+    # Swin-UNETR damps its LayerNorm affines (InstanceNorm follows every stage), so at random init the
+    # default SGD lr moves the entropy only slightly; Adam's per-parameter steps give a clear signal.
+    etta = EntropyTTAInferer(ROI, sw_batch_size=2, overlap=0.5, steps=2, optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+    x = shift(ct_crop[0])
+    with torch.no_grad():
+        out = etta(x, swin)
+    return {"swin": swin, "flags": flags, "snap": snap, "out": out, "record": etta.pop_records()[0], "x": x}
+
+
+def test_swin_entropy_decreases_on_shifted_ct(swin_run):
+    rec = swin_run["record"]
+    h = rec["entropy"]
+    assert len(h) == 3 and rec["windows"] == 2 and rec["adapted_windows"] == 2
+    assert h[0] > h[1] + 1e-6 and h[1] > h[2] + 1e-6, h  # each step lowers the stitched entropy
+    assert sum(rec["weights"]) == pytest.approx(1.0) and rec["weights"][2] > rec["weights"][0]
+
+
+def test_swin_state_restored_exactly(swin_run):
+    swin = swin_run["swin"]
+    assert same_state(swin, swin_run["snap"])  # bit-exact parameters and buffers
+    assert {n: p.requires_grad for n, p in swin.named_parameters()} == swin_run["flags"]
+    assert swin.training and all(m.training for m in swin.modules())
+    assert all(p.grad is None for p in swin.parameters())
+
+
+def test_swin_output_is_log_probability_of_the_input_grid(swin_run):
+    out, x = swin_run["out"], swin_run["x"]
+    assert out.shape == (1, 4, *x.shape[2:])
+    assert torch.allclose(out.exp().sum(1), torch.ones(1, *x.shape[2:]), atol=1e-4)  # softmax(log P) == P
+
+
+# ------------------------------------------------------------------------ exactness and pathways
+def test_zero_steps_equals_monai_sliding_window():
+    from monai.inferers import SlidingWindowInferer
+
+    net = conv_net(out_ch=3)
+    x = torch.rand(1, 1, 40, 28, 20)  # smaller than the roi on the last axis: padding path
+    args = dict(roi_size=(24, 24, 24), sw_batch_size=3, overlap=0.5, mode="gaussian")
+    with torch.no_grad():
+        ref = SlidingWindowInferer(**args)(x, net).softmax(1)
+        ours = EntropyTTAInferer(steps=0, **args)(x, net).softmax(1)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_windowwise_gradient_equals_whole_volume_gradient():
+    """Accumulating window by window gives the exact gradient of the volume's mean entropy."""
+    net = conv_net(out_ch=3)
+    x = torch.rand(1, 1, 32, 32, 16)  # four non-overlapping 16^3 windows tile it exactly
+    before = [p.detach().clone() for p in norm_affine_parameters(net)]
+    etta = EntropyTTAInferer(16, sw_batch_size=1, overlap=0.0, steps=1, momentum=0.0, lr=1.0, online=True)
+    with torch.no_grad():
+        etta(x, net)
+    step = [b - p.detach() for b, p in zip(before, norm_affine_parameters(net))]  # = lr * gradient
+    etta.reset()
+    assert all(torch.equal(b, p) for b, p in zip(before, norm_affine_parameters(net)))
+    # reference: one graph over the whole volume
+    adapted = {id(p) for p in norm_affine_parameters(net)}
+    for p in net.parameters():
+        p.requires_grad_(id(p) in adapted)
+    tiles = torch.cat([x[..., i : i + 16, j : j + 16, :] for i in (0, 16) for j in (0, 16)])
+    softmax_entropy(net(tiles)).mean().backward()
+    ref = [p.grad for p in norm_affine_parameters(net)]
+    assert all(torch.allclose(s, r, rtol=1e-4, atol=1e-7) for s, r in zip(step, ref))
+    assert max(float(r.abs().max()) for r in ref) > 1e-4  # a real gradient, not zeros on both sides
+
+
+def test_online_keeps_adaptation_and_tiny_tau_returns_lowest_entropy_candidate():
+    from monai.inferers import SlidingWindowInferer
+
+    net, x = conv_net(out_ch=3, seed=1), torch.rand(1, 1, 24, 24, 24) * 3
+    kw = dict(roi_size=16, overlap=0.5, steps=2, lr=0.5)
+    episodic = EntropyTTAInferer(tau=1e-9, **kw)
+    with torch.no_grad():
+        picked = episodic(x, net).exp()
+    h = episodic.pop_records()[0]["entropy"]
+    assert int(np.argmin(h)) == 2, h  # on this input the last candidate is the most confident
+    online = EntropyTTAInferer(**kw, online=True)  # keeps the parameters after K steps ...
+    with torch.no_grad():
+        online(x, net)
+        p_last = SlidingWindowInferer(16, overlap=0.5)(x, net).softmax(1)  # ... so this is P_K
+    assert torch.allclose(picked, p_last, atol=1e-5)
+    online.reset()  # back to the source model: P_0 again
+    with torch.no_grad():
+        p_source = SlidingWindowInferer(16, overlap=0.5)(x, net).softmax(1)
+    assert not torch.allclose(p_source, p_last, atol=1e-3)
+    assert torch.allclose(p_source, EntropyTTAInferer(16, overlap=0.5, steps=0)(x, net).exp(), atol=1e-5)
+
+
+def test_sigmoid_path_brats_style():
+    """Three sigmoid channels (TC/WT/ET-like) from four contrasts: summed binary entropy, logit output."""
+    from monai.inferers import SlidingWindowInferer
+
+    net, x = conv_net(in_ch=4, out_ch=3, seed=2), torch.rand(1, 4, 24, 24, 24) * 2
+    kw = dict(roi_size=16, overlap=0.5, activation="sigmoid")
+    etta = EntropyTTAInferer(steps=3, lr=0.5, **kw)
+    with torch.no_grad():
+        out = etta(x, net)
+        plain = SlidingWindowInferer(16, overlap=0.5)(x, net).sigmoid()
+    rec = etta.pop_records()[0]
+    assert rec["entropy"][0] == pytest.approx(float(sigmoid_entropy(plain.logit()).mean()), rel=1e-5)
+    assert rec["entropy"][-1] < rec["entropy"][0] - 1e-3
+    p = out.sigmoid()
+    assert out.shape == (1, 3, 24, 24, 24) and 0 < float(p.min()) and float(p.max()) < 1
+    w = torch.tensor(rec["weights"])
+    assert float(w.sum()) == pytest.approx(1.0) and int(w.argmax()) == int(np.argmin(rec["entropy"]))
+
+
+def test_adapt_fraction_backpropagates_a_subset_of_windows():
+    net, x = conv_net(), torch.rand(1, 1, 32, 32, 32)
+    etta = EntropyTTAInferer(16, overlap=0.5, steps=1, lr=0.5, adapt_fraction=0.25)
+    with torch.no_grad():
+        etta(x, net)
+    rec = etta.pop_records()[0]
+    assert rec["windows"] == 27 and rec["adapted_windows"] == 7
+    assert rec["entropy"][1] < rec["entropy"][0]
+
+
+# ---------------------------------------------------------------------------------- memory
+def _peak_cpu_bytes(fn) -> int:
+    """Peak of torch's CPU allocations (bytes above the level at the start) while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def test_peak_memory_grows_far_less_than_volume():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(), nn.Conv3d(32, 2, 1)).eval()
+    etta = EntropyTTAInferer(32, overlap=0.0, steps=1)
+
+    def run_etta(shape):
+        x = torch.rand(shape)
+        return _peak_cpu_bytes(lambda: etta(x, net))
+
+    def whole_graph(shape):  # what ETTA must not do: one graph over the whole volume
+        x = torch.rand(shape)
+        return _peak_cpu_bytes(lambda: softmax_entropy(net(x)).mean().backward())
+
+    small, large = (1, 1, 64, 64, 64), (1, 1, 128, 128, 64)
+    with torch.no_grad():
+        etta_ratio = run_etta(large) / run_etta(small)
+    naive_ratio = whole_graph(large) / whole_graph(small)
+    assert naive_ratio > 3.5  # the measurement sees volume-sized graphs
+    assert etta_ratio < 2.0, etta_ratio
+    print(f"peak memory ratio 4x volume / 1x: ETTA {etta_ratio:.2f}, whole-volume graph {naive_ratio:.2f}")
+
+
+# ------------------------------------------------------------------------------ evaluator
+def test_inside_supervised_evaluator_with_stats_handler(ct_crop, caplog):
+    from monai.data import DataLoader, MetaTensor
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import MeanDice, from_engine
+    from monai.transforms import Activationsd, AsDiscreted, Compose
+
+    x, y = ct_crop
+    affine = torch.diag(torch.tensor([3.0, 3.0, 3.0, 1.0]))
+    data = [
+        {"image": MetaTensor(v[0, :, :, :, :64], affine=affine, meta={"filename_or_obj": name}), "label": MetaTensor(y[0, :, :, :, :64], affine=affine)}
+        for v, name in ((x, "ct.nii.gz"), (shift(x), "ct_shifted.nii.gz"))
+    ]
+    swin = tiny_swin(out_ch=BTCV_NUM_CLASSES)
+    snap = params_snapshot(swin)
+    etta = EntropyTTAInferer(ROI, steps=1, optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+    post = Compose([Activationsd("pred", softmax=True), AsDiscreted(("pred", "label"), argmax=(True, False), to_onehot=BTCV_NUM_CLASSES)])
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(data, batch_size=1),
+        network=swin,
+        inferer=etta,
+        postprocessing=post,
+        key_val_metric={"val_mean_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+        val_handlers=[ETTAStatsHandler()],
+    )
+    with caplog.at_level(logging.INFO, logger="ETTA"):
+        evaluator.run()
+    m = evaluator.state.metrics
+    assert len(evaluator.state.etta) == 2
+    assert m["etta_entropy_after"] < m["etta_entropy_before"]
+    assert m["etta_weight_0"] + m["etta_weight_1"] == pytest.approx(1.0)
+    assert 0.0 <= m["val_mean_dice"] <= 1.0
+    lines = [r.getMessage() for r in caplog.records if r.name == "ETTA"]
+    assert len(lines) == 2 and "ct_shifted.nii.gz" in lines[1] and "->" in lines[1]
+    assert same_state(swin, snap)
