@@ -4,8 +4,10 @@
 - ``atomic_*``: every output is written to a temporary file in the same folder and renamed into
   place, so a path is either absent or complete, never half-written.
 - :class:`AtomicNibabelWriter`: MONAI's NIfTI writer with that guarantee, for ``SaveImage(d)``.
+- :class:`SafeLoadImaged`: ``LoadImaged`` whose failures name the file in one line.
 - :func:`check_image` / :class:`CheckImaged`: reject unreadable, wrongly shaped, NaN or constant
-  images before they reach a network.
+  images before they reach a network; :class:`CheckLabeld` (ids outside the taxonomy) and
+  :class:`CheckSameGridd` (a label not on its image's grid) for label maps.
 - :func:`exit_on_input_error`: run a callable, turn an :class:`InputError` anywhere in the
   exception chain into one line on stderr and exit code 2.
 """
@@ -24,7 +26,7 @@ from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 import numpy as np
 from monai.config import KeysCollection
 from monai.data import NibabelWriter
-from monai.transforms import MapTransform, Transform
+from monai.transforms import LoadImaged, MapTransform, Transform
 
 EXIT_BAD_INPUT = 2
 
@@ -231,6 +233,75 @@ class CheckImaged(MapTransform):
         return d
 
 
+def check_label(label: Any, num_classes: int, extra_ids: Sequence[int] = (), path: str | None = None) -> None:
+    """Raise :class:`InputError` unless ``label`` holds only integer ids ``0..num_classes-1`` (or ``extra_ids``).
+
+    ``label``: channel-first ``(1, H, W, D)`` array or tensor (the file name comes from its metadata).
+    """
+    path = path or _source_name(getattr(label, "meta", None))
+    arr = np.asarray(label.detach().cpu() if hasattr(label, "detach") else label)
+    if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and np.array_equal(arr, np.rint(arr))):
+        raise InputError(path, "the label map holds non-integer values", "save labels with an integer dtype (nearest-neighbour resampling)")
+    ids = np.unique(arr).astype(np.int64)
+    bad = [int(i) for i in ids if not (0 <= i < num_classes or i in extra_ids)]
+    if bad:
+        raise InputError(path, f"label id(s) {bad[:5]} are outside the taxonomy (0..{num_classes - 1})", "remap the labels to this bundle's ids")
+
+
+class CheckLabeld(MapTransform):
+    """Validate loaded label maps: integer ids within ``0..num_classes-1`` (plus ``extra_ids``).
+
+    Input: a dict with channel-first label maps under ``keys``; output: the same dict, unchanged.
+    Raises :class:`InputError` naming the label file; without it an id beyond the class count fails
+    deep inside one-hot encoding with an index error.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int, extra_ids: Sequence[int] = (), allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes, self.extra_ids = num_classes, tuple(extra_ids)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            check_label(d[key], self.num_classes, self.extra_ids)
+        return d
+
+
+def check_same_grid(image: Any, label: Any, atol_mm: float = 1e-3) -> None:
+    """Raise :class:`InputError` (naming the label file) when ``label`` is not on ``image``'s voxel grid.
+
+    Both channel-first MetaTensors as loaded (before any resampling): same spatial shape and the same
+    voxel-to-mm affine within ``atol_mm``.
+    """
+    path = _source_name(getattr(label, "meta", None))
+    shape_i, shape_l = tuple(image.shape[1:]), tuple(label.shape[1:])
+    aff_i = np.asarray(getattr(image, "affine", np.eye(4)), dtype=np.float64)
+    aff_l = np.asarray(getattr(label, "affine", np.eye(4)), dtype=np.float64)
+    if shape_i != shape_l or not np.allclose(aff_i, aff_l, atol=atol_mm):
+        sp_i, sp_l = (np.round(np.linalg.norm(a[:3, :3], axis=0), 3).tolist() for a in (aff_i, aff_l))
+        raise InputError(
+            path, f"the label grid (shape {shape_l}, spacing {sp_l} mm) differs from the image's (shape {shape_i}, spacing {sp_i} mm)",
+            "resample the label onto its image (nearest neighbour) or pair the right files",
+        )
+
+
+class CheckSameGridd(MapTransform):
+    """Check that every key in ``keys`` is on the voxel grid of ``ref_key`` (after ``LoadImaged``).
+
+    Input and output: the same dict, unchanged; :class:`InputError` naming the file otherwise.
+    """
+
+    def __init__(self, keys: KeysCollection, ref_key: str = "image", atol_mm: float = 1e-3, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key, self.atol_mm = ref_key, atol_mm
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            check_same_grid(d[self.ref_key], d[key], self.atol_mm)
+        return d
+
+
 def load_image_checked(path: str | os.PathLike, reader: str | None = None) -> Any:
     """``monai.transforms.LoadImage`` (channel-first, with metadata) with one-line errors for bad files."""
     from monai.transforms import LoadImage
@@ -244,3 +315,24 @@ def load_image_checked(path: str | os.PathLike, reader: str | None = None) -> An
             path, f"cannot be read as an image ({detail})",
             "give a NIfTI/NRRD file or a DICOM series folder; re-export it if it is truncated",
         ) from None
+
+
+class SafeLoadImaged(LoadImaged):
+    """``monai.transforms.LoadImaged`` (same arguments) whose failures name the file in one line.
+
+    A truncated ``.nii.gz``, a file that is not an image or an empty file otherwise fails deep in a
+    reader with a multi-line traceback that does not say which file; here each path is checked first
+    and, when loading fails, the failing key's file is re-read with :func:`load_image_checked` to
+    raise its :class:`InputError`. Input: ``{key: path}``; output: as ``LoadImaged``.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        paths = [data[key] for key in self.key_iterator(dict(data)) if isinstance(data[key], (str, os.PathLike))]
+        for path in paths:
+            check_readable(path)
+        try:
+            return super().__call__(data, reader)
+        except Exception:
+            for path in paths:
+                load_image_checked(path)  # raises the one-line InputError of the file that fails
+            raise

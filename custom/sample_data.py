@@ -35,7 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from custom import labels as L
-from custom.io import InputError, atomic_write_text, sha256_file
+from custom.io import InputError, atomic_write_text, check_writable_dir, sha256_file
 
 DATA_ENV = "SWIN_BOB_DATA"
 
@@ -495,7 +495,7 @@ def prepare(name: str, root: str | os.PathLike | None = None, force: bool = Fals
     if name not in DATASETS:
         raise InputError(None, f"unknown sample dataset {name!r}", f"choose one of {sorted(DATASETS)}")
     root = data_root(root)
-    root.mkdir(parents=True, exist_ok=True)
+    root = check_writable_dir(root)  # one line, exit 2, for a cache folder that cannot be created
     folder = root / name
     stamp = folder / ".built"
     if not force and stamp.exists() and stamp.read_text() == _BUILD_VERSION:

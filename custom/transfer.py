@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+from monai.handlers import CheckpointLoader
 
 from custom.io import InputError, atomic_path, check_readable, cli_main
 
@@ -111,7 +112,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(exc))  # blocked modules (os.system) too
         if found:
             raise InputError(
                 path,
@@ -131,6 +132,26 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not state:
         raise InputError(path, "holds no weight tensors", "give a checkpoint with a state dict (e.g. models/model.pt of a bundle)")
     return state
+
+
+class SafeCheckpointLoader(CheckpointLoader):
+    """``monai.handlers.CheckpointLoader`` (which loads with ``weights_only=True``) whose failures are
+    one-line :class:`InputError`: a missing, truncated or non-PyTorch file, a file holding a pickled
+    Python object (refused), or weights that do not fit the network. Same arguments; use it in bundle
+    configs as ``"_target_": "custom.transfer.SafeCheckpointLoader"``.
+    """
+
+    def __call__(self, engine: Any) -> None:
+        try:
+            super().__call__(engine)
+        except Exception as exc:  # noqa: BLE001 - re-read the file to say in one line what is wrong
+            read_checkpoint(self.load_path)  # raises InputError for every unreadable or untrusted file
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+            detail = next((ln for ln in lines if "size mismatch" in ln or "Missing key" in ln or "Unexpected key" in ln), lines[0])
+            raise InputError(
+                self.load_path, f"does not fit this network ({detail[:200]})",
+                "use a checkpoint written by this bundle's config, or adapt it with python -m custom.transfer",
+            ) from None
 
 
 def _unwrap(obj: Any) -> dict[str, torch.Tensor]:

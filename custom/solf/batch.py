@@ -145,8 +145,15 @@ def stage_a_volume(item: Item, output_dir: str, config: StageAConfig) -> dict[st
         if config.body == "image" and item.image:
             import nibabel as nib
 
-            image = np.asanyarray(nib.load(item.image).dataobj).astype(np.float32)
+            try:
+                image = np.asanyarray(nib.load(item.image).dataobj).astype(np.float32)
+            except Exception as exc:  # noqa: BLE001 - every reader failure means the same to the user
+                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+                raise BadVolume(f"{item.image}: cannot be read as an image ({detail}). Fix: re-export the file") from None
             image = np.moveaxis(image, -1, 0) if image.ndim == 4 else image
+            if image.shape[-3:] != labels.shape:
+                raise BadVolume(f"{item.label}: the label grid {labels.shape} differs from its image's {image.shape[-3:]}. "
+                                "Fix: resample the label onto its image (nearest neighbour) or pair the right files")
         _, rows = volume_features(labels, affine, image, UKBOB_LABELS, UKBOB_COMPONENT_RANGES, config.min_fraction, config.clean)
     except BadVolume as exc:
         return {"volume": item.volume, "label": item.label, "error": str(exc)}
