@@ -132,8 +132,9 @@ def norm_affine_parameters(network: nn.Module) -> list[nn.Parameter]:
 class _WindowPlan:
     """Sliding-window geometry for one volume, identical to :func:`monai.inferers.sliding_window_inference`.
 
-    Holds the padded input, the window slices, the importance map (on ``sw_device``) and the
-    per-voxel loss weights ``1 / (summed importance * number of voxels)`` (on ``device``, zero on padding).
+    Holds the padded input, the window slices, the importance map (on ``sw_device``) and one
+    volume-sized map ``weight = 1 / summed importance`` (on ``device``, zero on padding): it both
+    normalises the stitched sum and weights each window voxel's entropy in the loss.
     """
 
     def __init__(self, inputs, roi_size, overlap, mode, sigma_scale, padding_mode, cval, sw_device, device):
@@ -156,14 +157,14 @@ class _WindowPlan:
         self.slices = dense_patch_slices(self.image_size, self.roi, interval)
         self.importance = compute_importance_map(self.roi, mode=mode, sigma_scale=sigma_scale, device=sw_device, dtype=torch.float32)[None, None]
         imp = self.importance.to(device)
-        self.count = torch.zeros((1, 1, *self.image_size), dtype=torch.float32, device=device)
+        count = torch.zeros((1, 1, *self.image_size), dtype=torch.float32, device=device)
         for s in self.slices:
-            self.count[(slice(None), slice(None), *s)] += imp
-        valid = torch.zeros_like(self.count)
-        valid[(slice(None), slice(None), *self.crop)] = 1.0
-        self.loss_weight = valid / (self.count * float(np.prod(spatial)))
-        # each window's share of the loss, to renormalise when only a subset of windows is adapted
-        self.window_mass = np.array([float((self.loss_weight[(slice(None), slice(None), *s)] * imp).sum()) for s in self.slices])
+            count[(slice(None), slice(None), *s)] += imp
+        self.weight = torch.zeros_like(count)
+        self.weight[(slice(None), slice(None), *self.crop)] = 1.0 / count[(slice(None), slice(None), *self.crop)]
+        del count
+        # each window's share of the loss (the shares of all windows sum to the number of input voxels)
+        self.window_mass = np.array([float((self.weight[(slice(None), slice(None), *s)] * imp).sum()) for s in self.slices])
 
     def window(self, idx: Sequence[int], device) -> torch.Tensor:
         return torch.cat([self.inputs[(slice(None), slice(None), *self.slices[i])] for i in idx]).to(device)
@@ -399,7 +400,7 @@ class EntropyTTAInferer(Inferer):
                 raise ValueError(f"network output spatial shape {tuple(logits.shape[2:])} != window {plan.roi}.")
             if grad:
                 with torch.enable_grad():
-                    lw = torch.cat([plan.loss_weight[(slice(None), slice(None), *plan.slices[i])] for i in idx]).to(sw_device)
+                    lw = torch.cat([plan.weight[(slice(None), slice(None), *plan.slices[i])] for i in idx]).to(sw_device)
                     loss = (entropy_fn(logits) * plan.importance * lw).sum() / mass
                     (scaler.scale(loss) if scaler is not None else loss).backward()
             with torch.no_grad():
@@ -410,7 +411,7 @@ class EntropyTTAInferer(Inferer):
                     out[(slice(None), slice(None), *plan.slices[i])] += weighted[j : j + 1]
             del logits, weighted
         with torch.no_grad():
-            out.div_(plan.count)
+            out.mul_(plan.weight)
             prob = out[(slice(None), slice(None), *plan.crop)]
             if self.activation == "softmax":
                 prob.sub_(prob.amax(dim=1, keepdim=True)).exp_()

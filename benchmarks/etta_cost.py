@@ -1,0 +1,261 @@
+"""ETTA cost: time and peak memory of EntropyTTAInferer against plain sliding-window inference.
+
+On a real sample CT with a trained small Swin-UNETR (the demo's ``bundles/swin_bob_btcv/models/
+model.pt`` when present, else a feature_size-12 model trained here for a few minutes and cached),
+for K = 1 and 3, in the same process:
+
+- ``plain``: MONAI ``SlidingWindowInferer`` (no gradients);
+- ``floor``: what ETTA cannot avoid, (K + 1) sliding-window forward passes plus K window-wise
+  backward passes: K bare loops of (forward with gradients + backward) over the same windows, plus
+  one plain pass;
+- ``etta``: ``EntropyTTAInferer`` with the same windows.
+
+Goals (issue 5): etta time <= 1.1 x floor, etta peak memory <= 1.5 x plain. Peak memory is torch's
+own allocator accounting (CUDA: ``max_memory_allocated``; CPU: the profiler's allocation events).
+Prints one JSON line per K.
+
+    python benchmarks/etta_cost.py [--model PATH] [--case ct_abdomen_crop] [--steps 1,3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from custom.etta import EntropyTTAInferer, norm_affine_parameters  # noqa: E402
+from custom.labels import BTCV_CT_WINDOW, BTCV_NUM_CLASSES  # noqa: E402
+from custom.sample_data import data_root, prepare  # noqa: E402
+
+DEMO_CKPT = REPO / "bundles" / "swin_bob_btcv" / "models" / "model.pt"
+# fallback model: 3 mm grid, windows of 64 x 64 x 32 voxels (CPU-sized; Swin-UNETR needs multiples of 32)
+FALLBACK_ROI = (64, 64, 32)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ model and data
+def preprocess(path: Path, pixdim: tuple[float, ...], label: Path | None = None, modality: str = "ct") -> dict:
+    """Load an image (and label), RAS, resample to ``pixdim``; CT -> BTCV window in [0, 1], MR -> percentiles in [0, 1]."""
+    from monai.transforms import Compose, LoadImaged, Orientationd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd, Spacingd
+
+    keys = ["image", "label"] if label else ["image"]
+    scale = (
+        ScaleIntensityRanged("image", *BTCV_CT_WINDOW, 0.0, 1.0, clip=True)
+        if modality == "ct"
+        else ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True)
+    )
+    t = Compose(
+        [
+            LoadImaged(keys, ensure_channel_first=True),
+            Orientationd(keys, axcodes="RAS"),
+            Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")[: len(keys)]),
+            scale,
+        ]
+    )
+    d = {"image": str(path)}
+    if label:
+        d["label"] = str(label)
+    return t(d)
+
+
+def build_network(feature_size: int, in_channels: int = 1, out_channels: int = BTCV_NUM_CLASSES) -> torch.nn.Module:
+    from monai.networks.nets import SwinUNETR
+
+    return SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size, spatial_dims=3)
+
+
+def train_fallback(path: Path, iters: int, roi: tuple[int, ...], pixdim: tuple[float, ...], seed: int = 0) -> None:
+    """A feature_size-12 Swin-UNETR trained on the two sample training CTs (same patient), DiceCE, AdamW."""
+    from monai.losses import DiceCELoss
+    from monai.transforms import RandCropByPosNegLabeld, SpatialPadd
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    root = prepare("btcv_sample")
+    cases = json.loads((root / "dataset.json").read_text())["training"]
+    data = [preprocess(root / c["image"], pixdim, root / c["label"]) for c in cases]
+    pad = SpatialPadd(["image", "label"], roi)
+    crop = RandCropByPosNegLabeld(["image", "label"], "label", roi, pos=3, neg=1, num_samples=1)
+    crop.set_random_state(seed)
+    net = build_network(12)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-5)
+    net.train()
+    t0 = time.perf_counter()
+    for it in range(iters):
+        d = crop(pad(data[it % len(data)]))[0]
+        loss = loss_fn(net(d["image"][None].as_tensor()), d["label"][None].as_tensor())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if it % 10 == 0 or it == iters - 1:
+            log(f"train fallback model: iteration {it + 1}/{iters}, DiceCE {loss.item():.3f}, {time.perf_counter() - t0:.0f} s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from custom.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"model": net.state_dict(), "feature_size": 12, "roi": list(roi), "pixdim": list(pixdim), "iters": iters}, tmp)
+
+
+def load_model(model: str | None, train_iters: int = 40) -> tuple[torch.nn.Module, dict]:
+    """(network in eval mode, info) from ``model``, the demo checkpoint, or the cached fallback model."""
+    info: dict = {}
+    path = Path(model) if model else DEMO_CKPT
+    if not path.exists():
+        if model:
+            raise SystemExit(f"error: {path}: no such checkpoint. Fix: give --model an existing model.pt, or leave it out")
+        path = data_root() / "etta_bench" / f"swin12_btcv_{train_iters}it.pt"
+        if not path.exists():
+            log(f"no demo checkpoint at {DEMO_CKPT}: training a small model ({train_iters} iterations) -> {path}")
+            train_fallback(path, train_iters, roi=FALLBACK_ROI, pixdim=(3.0, 3.0, 3.0))
+        info["source"] = "fallback trained here"
+    else:
+        info["source"] = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("model", ckpt)
+    fs = int(state["swinViT.patch_embed.proj.weight"].shape[0])
+    net = build_network(fs, int(state["swinViT.patch_embed.proj.weight"].shape[1]), int(state["out.conv.conv.weight"].shape[0]))
+    net.load_state_dict(state)
+    info.update(feature_size=fs, roi=list(ckpt.get("roi", (96, 96, 96))), pixdim=list(ckpt.get("pixdim", (1.5, 1.5, 2.0))))
+    return net.eval(), info
+
+
+# ------------------------------------------------------------------------------ measurement
+def peak_memory(fn, device: torch.device) -> tuple[float, float]:
+    """(seconds, peak bytes above the starting level) of ``fn()``; CPU via the profiler's allocation events."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - t0, float(torch.cuda.max_memory_allocated(device) - start)
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    elapsed = time.perf_counter() - t0
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return elapsed, float(peak)
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def window_backward_pass(net: torch.nn.Module, x: torch.Tensor, inferer: EntropyTTAInferer) -> None:
+    """One bare pass over the inferer's windows: forward with gradients on the norm affines, backward, nothing else."""
+    from custom.etta import _WindowPlan
+
+    plan = _WindowPlan(x, inferer.roi_size, inferer.overlap, inferer.mode, inferer.sigma_scale, inferer.padding_mode, inferer.cval, x.device, x.device)
+    params = norm_affine_parameters(net)
+    flags = [(p, p.requires_grad) for p in net.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    use_amp = x.device.type == "cuda"
+    try:
+        for start in range(0, len(plan.slices), inferer.sw_batch_size):
+            win = plan.window(range(start, min(start + inferer.sw_batch_size, len(plan.slices))), x.device)
+            with torch.enable_grad(), torch.autocast("cuda", enabled=use_amp):
+                net(win).float().mean().backward()
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+            p.grad = None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint (default: the demo's, else a fallback trained here)")
+    ap.add_argument("--case", default="ct_abdomen_crop", help="image of btcv_sample/images (default: the 30-slice real CT)")
+    ap.add_argument("--steps", default="1,3")
+    ap.add_argument("--overlap", type=float, default=0.25)
+    ap.add_argument("--sw_batch_size", type=int, default=1)
+    ap.add_argument("--train_iters", type=int, default=40)
+    ap.add_argument("--roi", default=None, help="window, e.g. 64,64,64 (default: the checkpoint's, else 96^3)")
+    ap.add_argument("--pixdim", default=None, help="grid in mm, e.g. 1.5,1.5,2 (default: the checkpoint's, else 1.5,1.5,2)")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    net, info = load_model(args.model, args.train_iters)
+    info["roi"] = [int(v) for v in args.roi.split(",")] if args.roi else info["roi"]
+    info["pixdim"] = [float(v) for v in args.pixdim.split(",")] if args.pixdim else info["pixdim"]
+    net = net.to(device)
+    root = prepare("btcv_sample")
+    x = preprocess(root / "images" / f"{args.case}.nii.gz", tuple(info["pixdim"]))["image"][None].as_tensor().to(device)
+    roi = tuple(info["roi"])
+    sw_kw = dict(roi_size=roi, sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode="gaussian")
+    from monai.inferers import SlidingWindowInferer
+
+    plain = SlidingWindowInferer(**sw_kw)
+    with torch.no_grad():
+        plain(x, net)  # warm-up (allocator, kernels)
+        t_plain = min(timed(lambda: plain(x, net), device) for _ in range(2))
+        _, m_plain = peak_memory(lambda: plain(x, net), device)
+    for k in [int(s) for s in args.steps.split(",")]:
+        etta = EntropyTTAInferer(steps=k, **sw_kw)
+        t_bwd = timed(lambda: [window_backward_pass(net, x, etta) for _ in range(k)], device)
+        t_floor = t_bwd + t_plain
+        with torch.no_grad():
+            t_etta = timed(lambda: etta(x, net), device)
+            _, m_etta = peak_memory(lambda: etta(x, net), device)
+        rec = etta.pop_records()[0]
+        print(
+            json.dumps(
+                {
+                    "benchmark": "etta_cost",
+                    "device": device.type,
+                    "model": info["source"],
+                    "feature_size": info["feature_size"],
+                    "case": args.case,
+                    "shape": list(x.shape[2:]),
+                    "roi": list(roi),
+                    "overlap": args.overlap,
+                    "windows": rec["windows"],
+                    "steps": k,
+                    "plain_s": round(t_plain, 2),
+                    "floor_s": round(t_floor, 2),
+                    "etta_s": round(t_etta, 2),
+                    "time_etta_over_floor": round(t_etta / t_floor, 3),
+                    "time_etta_over_plain": round(t_etta / t_plain, 3),
+                    "plain_peak_mb": round(m_plain / 2**20, 1),
+                    "etta_peak_mb": round(m_etta / 2**20, 1),
+                    "mem_etta_over_plain": round(m_etta / m_plain, 3),
+                    "entropy": [round(h, 5) for h in rec["entropy"]],
+                    "threads": torch.get_num_threads(),
+                    "load_avg_1min": round(os.getloadavg()[0], 2),
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
