@@ -3,7 +3,8 @@
 - :class:`InputError`: a bad user file, reported as one line ``FILE: problem. Fix: what to do``.
 - ``atomic_*``: every output is written to a temporary file in the same folder and renamed into
   place, so a path is either absent or complete, never half-written.
-- :class:`AtomicNibabelWriter`: MONAI's NIfTI writer with that guarantee, for ``SaveImage(d)``.
+- :class:`AtomicNibabelWriter`: MONAI's NIfTI writer with that guarantee, for ``SaveImage(d)``;
+  :class:`AtomicCheckpointSaver`: MONAI's ``CheckpointSaver`` with it.
 - :class:`SafeLoadImaged`: ``LoadImaged`` whose failures name the file in one line.
 - :func:`check_image` / :class:`CheckImaged`: reject unreadable, wrongly shaped, NaN or constant
   images before they reach a network; :class:`CheckLabeld` (ids outside the taxonomy) and
@@ -18,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 import numpy as np
 from monai.config import KeysCollection
 from monai.data import NibabelWriter
+from monai.handlers import CheckpointSaver
 from monai.transforms import LoadImaged, MapTransform, Transform
 
 EXIT_BAD_INPUT = 2
@@ -103,6 +106,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _temp_name(path)
     try:
         yield tmp
+        os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IRGRP | stat.S_IROTH)  # mkstemp makes 0600; outputs are shared
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -131,6 +135,21 @@ class AtomicNibabelWriter(NibabelWriter):
             super().write(tmp, verbose=False, **obj_kwargs)
         if verbose:
             print(f"wrote {filename}", flush=True)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """``monai.handlers.CheckpointSaver`` (same arguments) that writes each checkpoint atomically.
+
+    MONAI turns ignite's atomic saving off (``DiskSaver(atomic=False)``) because ignite once left
+    atomic files readable by their owner only; ignite 0.5 restores group/other read permission, so a
+    killed run can again leave only complete ``model.pt`` / ``*_checkpoint_epoch=N.pt`` files.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler._atomic = True  # ignite's DiskSaver: temporary file, then os.replace
 
 
 # ---------------------------------------------------------------- checks

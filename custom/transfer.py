@@ -137,11 +137,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 class SafeCheckpointLoader(CheckpointLoader):
     """``monai.handlers.CheckpointLoader`` (which loads with ``weights_only=True``) whose failures are
     one-line :class:`InputError`: a missing, truncated or non-PyTorch file, a file holding a pickled
-    Python object (refused), or weights that do not fit the network. Same arguments; use it in bundle
-    configs as ``"_target_": "custom.transfer.SafeCheckpointLoader"``.
+    Python object (refused), or weights that do not fit the network. Same arguments, except that
+    ``load_path`` may also be a folder: its newest training checkpoint (:func:`latest_checkpoint`) is
+    loaded, which is how the bundles' ``--resume true`` continues an interrupted run.
+    Use it in bundle configs as ``"_target_": "custom.transfer.SafeCheckpointLoader"``.
     """
 
     def __call__(self, engine: Any) -> None:
+        if os.path.isdir(self.load_path):
+            self.load_path = latest_checkpoint(self.load_path)
+            self.logger.info(f"resuming from {self.load_path}")
         try:
             super().__call__(engine)
         except Exception as exc:  # noqa: BLE001 - re-read the file to say in one line what is wrong
@@ -152,6 +157,18 @@ class SafeCheckpointLoader(CheckpointLoader):
                 self.load_path, f"does not fit this network ({detail[:200]})",
                 "use a checkpoint written by this bundle's config, or adapt it with python -m custom.transfer",
             ) from None
+
+
+def latest_checkpoint(folder: str | os.PathLike, pattern: str = "*checkpoint_epoch=*.pt") -> str:
+    """The training checkpoint with the highest epoch in ``folder`` (``CheckpointSaver`` names), to resume.
+
+    Raises :class:`InputError` when there is none (a first run must not pass ``--resume true``).
+    """
+    found = sorted(Path(folder).glob(pattern), key=lambda p: int(re.search(r"=(\d+)", p.name).group(1)))
+    if not found:
+        raise InputError(folder, f"no training checkpoint ({pattern}) to resume from",
+                         "start without --resume true, or point --ckpt_dir at the interrupted run's models folder")
+    return str(found[-1])
 
 
 def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
