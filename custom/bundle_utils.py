@@ -9,8 +9,6 @@
   organ names (one tidy CSV) plus per-organ means, atomically.
 - :class:`InputErrorHandler`: lets a bad input file end an engine run with its one-line message
   instead of a logged traceback.
-- :func:`rank_zero_handlers`: the handler list a DDP rank should attach (logging and checkpoint
-  writers on rank 0 only).
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointSaver, StatsHandler, TensorBoardStatsHandler
 from monai.metrics import HausdorffDistanceMetric
 
 from custom.io import InputError, atomic_write_text, check_readable, check_writable_dir, find_input_error
@@ -262,25 +259,3 @@ class InputErrorHandler:
         if err is not None:
             raise err from None
         raise exc
-
-
-#: handler types that write logs or files: in DDP only rank 0 attaches them
-WRITER_HANDLERS: tuple[type, ...] = (CheckpointSaver, StatsHandler, TensorBoardStatsHandler)
-
-
-def rank_zero_handlers(handlers: Sequence[Any] | None, rank: int | None = None) -> list[Any]:
-    """``handlers`` on rank 0; on other ranks the same list without logging/checkpoint writers
-    (:data:`WRITER_HANDLERS`, plus MLflow when installed). ``rank`` defaults to the process group's."""
-    handlers = list(handlers or [])
-    if rank is None:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank == 0:
-        return handlers
-    writers: tuple[type, ...] = WRITER_HANDLERS
-    try:
-        from monai.handlers import MLFlowHandler
-
-        writers = (*writers, MLFlowHandler)
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        pass
-    return [h for h in handlers if not isinstance(h, writers)]
