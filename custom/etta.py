@@ -240,6 +240,9 @@ class EntropyTTAInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         if not isinstance(network, nn.Module):
             raise TypeError(f"EntropyTTAInferer adapts an nn.Module's norm layers; got {type(network).__name__}.")
+        if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            # each rank adapts on its own volume: DDP's gradient all-reduce would pair unrelated windows (or hang)
+            network = network.module
         if inputs.ndim < 3:
             raise ValueError(f"inputs must be (B, C, *spatial), got shape {tuple(inputs.shape)}.")
         meta = MetaTensor([]).copy_meta_from(inputs, copy_attr=False) if isinstance(inputs, MetaTensor) else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -316,3 +317,43 @@ def test_inside_supervised_evaluator_with_stats_handler(ct_crop, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "ETTA"]
     assert len(lines) == 2 and "ct_shifted.nii.gz" in lines[1] and "->" in lines[1]
     assert same_state(swin, snap)
+
+
+# ----------------------------------------------------------------------------------- bundles
+BUNDLE_DIRS = sorted(p.parents[1] for p in (Path(__file__).resolve().parents[1] / "bundles").glob("*/configs/inference.json"))
+
+
+def _parsed(bundle: Path, files: list[str], use_etta: bool | None):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / f) for f in files])
+    parser["bundle_root"] = str(bundle)
+    if use_etta is not None:
+        parser["use_etta"] = use_etta
+    return parser
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_bundle_chooses_etta_by_flag(bundle):
+    """inference.json and train.json + evaluate.json: ``use_etta`` (default false) picks the inferer."""
+    from monai.inferers import SlidingWindowInferer
+
+    post = _parsed(bundle, ["inference.json"], None)["postprocessing"]["transforms"]
+    act = next(t for t in post if t["_target_"] == "Activationsd")
+    activation = "sigmoid" if act.get("sigmoid") else "softmax"
+    for files, inferer_id, handlers_id in (
+        (["inference.json"], "inferer", "handlers"),
+        (["train.json", "evaluate.json"], "validate#evaluator#inferer", "validate#handlers"),
+    ):
+        default = _parsed(bundle, files, None)
+        assert default["use_etta"] is False
+        plain = default.get_parsed_content(inferer_id)
+        etta_parser = _parsed(bundle, files, True)
+        etta = etta_parser.get_parsed_content(inferer_id)
+        assert type(plain) is SlidingWindowInferer and isinstance(etta, EntropyTTAInferer), files
+        assert list(etta.roi_size) == list(plain.roi_size) and etta.overlap == plain.overlap
+        assert etta.sw_batch_size == plain.sw_batch_size and etta.mode == plain.mode
+        assert (etta.steps, etta.lr, etta.momentum, etta.tau, etta.activation) == (3, 1e-3, 0.9, 0.01, activation)
+        assert any(h["_target_"] == "custom.etta.ETTAStatsHandler" for h in default[handlers_id])
+        assert default.get_parsed_content("output_dir") != etta_parser.get_parsed_content("output_dir")
