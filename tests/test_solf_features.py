@@ -111,3 +111,17 @@ def test_transforms_on_a_real_label_map(ukbob_sample) -> None:
     # physical units from the 3 mm affine: a liver of 1.0-1.3 L, kidneys 100-250 mL
     assert 1000 < rows["liver"].volume_ml < 1300
     assert 100 < rows["kidney_right"].volume_ml < 250
+
+
+def test_surface_area_equals_skimage_marching_cubes_on_real_organs(ukbob_sample) -> None:
+    import nibabel as nib
+    from skimage.measure import marching_cubes, mesh_surface_area
+
+    from custom.solf.features import surface_area_mm2
+
+    labels = np.asarray(nib.load(str(ukbob_sample / "labels" / "ct_abdomen.nii.gz")).dataobj)
+    spacing = (0.8, 1.5, 2.5)
+    for organ in (UKBOB_ID["liver"], UKBOB_ID["adrenal_gland_left"], UKBOB_ID["costal_cartilages"]):
+        mask = labels == organ
+        verts, faces, _, _ = marching_cubes(np.pad(mask, 1).astype(np.float32), 0.5, spacing=spacing)
+        assert surface_area_mm2(mask, np.array(spacing)) == pytest.approx(mesh_surface_area(verts, faces), rel=1e-6)

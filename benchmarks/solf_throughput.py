@@ -1,0 +1,109 @@
+"""SOLF stage-A throughput: volumes per second per core, and its ratio to just loading the file.
+
+Maps measured (each a gzipped NIfTI read with nibabel, as the batch runner reads it):
+- the real TotalSegmentator label maps of the sample (UKBOB ids): ``ukbob_sample/labels/*.nii.gz``;
+- a UKBOB-sized map, 224 x 174 x 370 voxels at 2.23 x 2.23 x 3.0 mm with all 72 labels: the real
+  abdominal map resampled onto that grid, its body filled with subcutaneous fat (a 10-voxel shell),
+  muscle and inner fat, and every UKBOB id the real map lacks added as an ellipsoid of realistic
+  size (a worst case for bounding boxes: three labels span the whole body).
+
+One process (one core). Prints one JSON line per map: load seconds, stage-A seconds (cleaning +
+features, load excluded), ratio, volumes/s/core, and the core-hours for 51,761 volumes.
+
+    python benchmarks/solf_throughput.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from custom.labels import UKBOB_ID, UKBOB_LABELS, UKBOB_UNUSED_IDS  # noqa: E402
+from custom.solf.batch import load_labels  # noqa: E402
+from custom.solf.features import volume_features  # noqa: E402
+
+DATA = Path(os.environ.get("SWIN_BOB_DATA", Path.home() / ".cache" / "swin_bob")) / "ukbob_sample"
+UKBOB_SHAPE, UKBOB_SPACING = (224, 174, 370), (2.23, 2.23, 3.0)
+N_UKBOB = 51_761
+
+
+def ukbob_sized_map(path: Path, seed: int = 0) -> Path:
+    """Write the 72-label UKBOB-sized map described in the module docstring to ``path``."""
+    rng = np.random.default_rng(seed)
+    src = nib.load(str(DATA / "labels" / "ct_abdomen.nii.gz"))
+    real = np.asarray(src.dataobj).astype(np.uint8)
+    zoom = [t / s for t, s in zip(UKBOB_SHAPE, real.shape)]
+    # the real map covers the abdomen: put it in the middle third of the neck-to-knee field of view
+    z0 = UKBOB_SHAPE[2] // 3
+    part = ndimage.zoom(real, [zoom[0], zoom[1], zoom[2] / 3], order=0)
+    labels = np.zeros(UKBOB_SHAPE, np.uint8)
+    labels[: part.shape[0], : part.shape[1], z0 : z0 + part.shape[2]] = part[:, :, : UKBOB_SHAPE[2] - z0]
+    idx = np.indices(UKBOB_SHAPE, dtype=np.float32)
+    c = (np.array(UKBOB_SHAPE) - 1) / 2
+    r = ((idx[0] - c[0]) / (0.48 * UKBOB_SHAPE[0])) ** 2 + ((idx[1] - c[1]) / (0.46 * UKBOB_SHAPE[1])) ** 2
+    body = r <= 1.0
+    inner = r <= 0.55
+    del idx
+    shell = body & ~ndimage.binary_erosion(body, iterations=10)
+    free = labels == 0
+    labels[free & body] = UKBOB_ID["muscle"]
+    labels[free & inner] = UKBOB_ID["inner_fat"]
+    labels[free & shell] = UKBOB_ID["subcutaneous_fat"]
+    present = set(np.unique(labels).tolist())
+    for organ in UKBOB_LABELS:
+        if organ == 0 or organ in present or organ in UKBOB_UNUSED_IDS:
+            continue
+        semi = rng.uniform(4, 14, 3)  # voxels: 9-31 mm semi-axes
+        centre = [rng.uniform(0.3, 0.7) * s for s in UKBOB_SHAPE]
+        lo = [max(int(cc - a), 0) for cc, a in zip(centre, semi)]
+        hi = [min(int(cc + a) + 1, s) for cc, a, s in zip(centre, semi, UKBOB_SHAPE)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        g = np.indices([b - a for a, b in zip(lo, hi)], dtype=np.float32)
+        ell = sum(((g[i] + lo[i] - centre[i]) / semi[i]) ** 2 for i in range(3)) <= 1
+        labels[box][ell & np.isin(labels[box], [UKBOB_ID["muscle"], UKBOB_ID["inner_fat"]])] = organ
+    nib.save(nib.Nifti1Image(labels, np.diag([*UKBOB_SPACING, 1.0])), str(path))
+    return path
+
+
+def measure(path: Path, repeat: int) -> dict:
+    loads, stage_a = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        labels, affine, _ = load_labels(str(path))
+        t1 = time.perf_counter()
+        _, rows = volume_features(labels, affine)
+        t2 = time.perf_counter()
+        loads.append(t1 - t0)
+        stage_a.append(t2 - t1)
+    load_s, feat_s = float(np.median(loads)), float(np.median(stage_a))
+    return {
+        "shape": list(labels.shape), "organs": len(rows), "load_s": round(load_s, 3), "stage_a_s": round(feat_s, 3),
+        "stage_a_over_load": round(feat_s / load_s, 2), "volumes_per_s_per_core": round(1 / (load_s + feat_s), 3),
+        "core_hours_51761": round(N_UKBOB * (load_s + feat_s) / 3600, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    for path in sorted((DATA / "labels").glob("*.nii.gz")):
+        print(json.dumps({"bench": "solf_throughput", "map": f"real:{path.name}", **measure(path, args.repeat)}), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        big = ukbob_sized_map(Path(tmp) / "ukbob_sized.nii.gz")
+        print(json.dumps({"bench": "solf_throughput", "map": "ukbob_sized_72_labels", **measure(big, args.repeat)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
