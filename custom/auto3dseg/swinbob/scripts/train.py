@@ -27,7 +27,6 @@ from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset, partition_dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import (
-    CheckpointSaver,
     LrScheduleHandler,
     MeanDice,
     MLFlowHandler,
@@ -40,6 +39,15 @@ from monai.inferers import SimpleInferer, SlidingWindowInferer
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import set_determinism
+
+try:  # checkpoints and progress.yaml written to a temporary file, then renamed (no half-written file)
+    from custom.io import AtomicCheckpointSaver as CheckpointSaver
+    from custom.io import atomic_write_text
+except ImportError:  # the template copied without the custom package
+    from monai.handlers import CheckpointSaver
+
+    def atomic_write_text(path: Any, text: str) -> Any:
+        return Path(path).write_text(text)
 
 logger = logging.getLogger("swinbob")
 
@@ -209,7 +217,7 @@ def run(config_file: str | Sequence[str], **override: Any) -> float:
                 "train_cases_per_process": len(train_files),
             }
         ]
-        (ckpt_path / "progress.yaml").write_text(yaml.safe_dump(progress, sort_keys=False))
+        atomic_write_text(ckpt_path / "progress.yaml", yaml.safe_dump(progress, sort_keys=False))
         logger.info(f"best validation mean Dice {best:.4f} at epoch {evaluator.state.best_metric_epoch}")
     if distributed:
         dist.destroy_process_group()

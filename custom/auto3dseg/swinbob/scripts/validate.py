@@ -54,7 +54,13 @@ def run(config_file: str | Sequence[str] | None = None, **override: Any) -> floa
         logger.info(f"{item[inferer.image_key]}: mean Dice {mean:.4f}")
     overall = float(np.nanmean([c["mean_dice"] for c in cases])) if cases else float("nan")
     out = Path(parser.get_parsed_content("ckpt_path")) / "validation.yaml"
-    out.write_text(yaml.safe_dump({"mean_dice": round(overall, 4), "cases": cases}, sort_keys=False))
+    text = yaml.safe_dump({"mean_dice": round(overall, 4), "cases": cases}, sort_keys=False)
+    try:
+        from custom.io import atomic_write_text  # temporary file, then rename
+
+        atomic_write_text(out, text)
+    except ImportError:  # the template copied without the custom package
+        out.write_text(text)
     logger.info(f"mean Dice over {len(cases)} validation cases: {overall:.4f} ({out})")
     return overall
 
