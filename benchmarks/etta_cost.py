@@ -1,7 +1,8 @@
 """ETTA cost: time and peak memory of EntropyTTAInferer against plain sliding-window inference.
 
-On a real sample CT with a trained small Swin-UNETR (the demo's ``bundles/swin_bob_btcv/models/
-model.pt`` when present, else a feature_size-12 model trained here for a few minutes and cached),
+On a real sample CT with a trained small Swin-UNETR (``make demo``'s ``demo_output/models/model.pt``
+or a bundle training's ``bundles/swin_bob_btcv/models/model.pt`` when present, else a
+feature_size-12 model trained here for a few minutes and cached),
 for K = 1 and 3, in the same process:
 
 - ``plain``: MONAI ``SlidingWindowInferer`` (no gradients);
@@ -36,7 +37,8 @@ from custom.etta import EntropyTTAInferer, norm_affine_parameters  # noqa: E402
 from custom.labels import BTCV_CT_WINDOW, BTCV_NUM_CLASSES  # noqa: E402
 from custom.sample_data import data_root, prepare  # noqa: E402
 
-DEMO_CKPT = REPO / "bundles" / "swin_bob_btcv" / "models" / "model.pt"
+BUNDLE_CKPT = REPO / "bundles" / "swin_bob_btcv" / "models" / "model.pt"  # a full bundle training (96^3, 1.5 x 1.5 x 2 mm)
+DEMO_CKPT = REPO / "demo_output" / "models" / "model.pt"  # `make demo` (custom.demo.SMALL: 64^3 windows, 3 mm)
 # fallback model: 3 mm grid, windows of 64 x 64 x 32 voxels (CPU-sized; Swin-UNETR needs multiples of 32)
 FALLBACK_ROI = (64, 64, 32)
 
@@ -112,13 +114,13 @@ def train_fallback(path: Path, iters: int, roi: tuple[int, ...], pixdim: tuple[f
 def load_model(model: str | None, train_iters: int = 40) -> tuple[torch.nn.Module, dict]:
     """(network in eval mode, info) from ``model``, the demo checkpoint, or the cached fallback model."""
     info: dict = {}
-    path = Path(model) if model else DEMO_CKPT
-    if not path.exists():
-        if model:
-            raise SystemExit(f"error: {path}: no such checkpoint. Fix: give --model an existing model.pt, or leave it out")
+    path = Path(model) if model else next((p for p in (DEMO_CKPT, BUNDLE_CKPT) if p.exists()), None)
+    if model and not path.exists():
+        raise SystemExit(f"error: {path}: no such checkpoint. Fix: give --model an existing model.pt, or leave it out")
+    if path is None:
         path = data_root() / "etta_bench" / f"swin12_btcv_{train_iters}it.pt"
         if not path.exists():
-            log(f"no demo checkpoint at {DEMO_CKPT}: training a small model ({train_iters} iterations) -> {path}")
+            log(f"no checkpoint at {DEMO_CKPT} or {BUNDLE_CKPT}: training a small model ({train_iters} iterations) -> {path}")
             train_fallback(path, train_iters, roi=FALLBACK_ROI, pixdim=(3.0, 3.0, 3.0))
         info["source"] = "fallback trained here"
     else:
@@ -128,7 +130,13 @@ def load_model(model: str | None, train_iters: int = 40) -> tuple[torch.nn.Modul
     fs = int(state["swinViT.patch_embed.proj.weight"].shape[0])
     net = build_network(fs, int(state["swinViT.patch_embed.proj.weight"].shape[1]), int(state["out.conv.conv.weight"].shape[0]))
     net.load_state_dict(state)
-    info.update(feature_size=fs, roi=list(ckpt.get("roi", (96, 96, 96))), pixdim=list(ckpt.get("pixdim", (1.5, 1.5, 2.0))))
+    if path == DEMO_CKPT:
+        from custom.demo import SMALL
+
+        default_roi, default_pixdim = SMALL["roi_size"], SMALL["pixdim"]
+    else:
+        default_roi, default_pixdim = (96, 96, 96), (1.5, 1.5, 2.0)
+    info.update(feature_size=fs, roi=list(ckpt.get("roi", default_roi)), pixdim=list(ckpt.get("pixdim", default_pixdim)))
     return net.eval(), info
 
 

@@ -355,6 +355,7 @@ class EntropyTTAInferer(Inferer):
             out = combined.clamp_(min=_EPS).log_()
         else:
             out = combined.clamp_(_EPS, 1.0 - _EPS).logit_()
+        out = out.contiguous()  # a view into a padded buffer when the input is smaller than the window
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.records.append(
