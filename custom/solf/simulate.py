@@ -171,6 +171,8 @@ def write_cohort(base_file: str | Path, folder: str | Path, n: int, error_rate: 
 
     import nibabel as nib
 
+    from custom.io import atomic_path, atomic_write_text
+
     base_img = nib.load(str(base_file))
     base = np.asarray(base_img.dataobj).astype(np.uint8)
     folder = Path(folder)
@@ -179,10 +181,11 @@ def write_cohort(base_file: str | Path, folder: str | Path, n: int, error_rate: 
     for i in range(n):
         labels, inj = make_subject(base, seed * 100_003 + i, error_rate, kinds)
         rel = f"labels/sub_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(labels, base_img.affine), str(folder / rel))
+        with atomic_path(folder / rel) as tmp:  # a killed run leaves no truncated subject
+            nib.save(nib.Nifti1Image(labels, base_img.affine), str(tmp))
         entries.append({"label": rel})
         truth.append({"volume": rel, "kind": inj.kind if inj else None, "organ_id": inj.organ_id if inj else None,
                       "organs": list(inj.organs) if inj else []})
     datalist = folder / "dataset.json"
-    datalist.write_text(json.dumps({"name": "solf_cohort", "training": entries}, indent=1))
+    atomic_write_text(datalist, json.dumps({"name": "solf_cohort", "training": entries}, indent=1))
     return datalist, truth
