@@ -28,6 +28,13 @@ demo: data
 test: data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# MONAI Label 0.8.5 in its own venv (see README "MONAI Label"); about 6 min and 8 GB the first time
+.venv-label/.installed: scripts/label_env.sh scripts/label_constraints.txt
+	scripts/label_env.sh .venv-label
+
+test-label: data .venv-label/.installed
+	$(PY) -m pytest -q -m label tests/test_monai_label.py
+
 bench: data
 	@for b in benchmarks/*.py; do echo "# $$b"; $(PY) $$b || exit 1; done
 

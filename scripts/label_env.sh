@@ -12,7 +12,7 @@ if [[ -f $VENV/.installed && $VENV/.installed -nt $CONSTRAINTS ]]; then
 fi
 start=$(date +%s)
 step() { echo "[label_env $(( $(date +%s) - start ))s] $*"; }
-$PYTHON -m venv "$VENV"
+[[ -x $VENV/bin/python ]] || $PYTHON -m venv "$VENV"  # an existing venv is updated in place
 PIP="$VENV/bin/python -m pip"
 # PIP_CONSTRAINT (not -c) so that isolated build environments obey the pins as well
 export PIP_CONSTRAINT=$CONSTRAINTS
