@@ -70,10 +70,9 @@ def organ_boxes(labels: np.ndarray, max_id: int | None = None) -> dict[int, tupl
     return {i: box for i, box in enumerate(boxes, 1) if box is not None}
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     comp, n = ndimage.label(mask, structure=_STRUCTURE)
-    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
-    return comp, sizes
+    return comp, int(n)
 
 
 def clean_components(
@@ -104,11 +103,11 @@ def clean_components(
     for organ, box in boxes.items():
         rng = ranges.get(organ)
         sub = out[box]
-        comp, sizes = _components(sub == organ)
-        before = len(sizes)
+        comp, before = _components(sub == organ)
         if rng is None or not rng.reduce or before <= 1:
             counts[organ] = (before, before)
             continue
+        sizes = np.bincount(comp.ravel(), minlength=before + 1)[1:]
         order = np.argsort(sizes)[::-1]
         keep = order[sizes[order] >= min_fraction * sizes[order[0]]][: max(rng.max_count, 1)]
         keep_mask = np.zeros(before + 1, dtype=bool)
@@ -169,12 +168,12 @@ def surface_area_mm2(mask: np.ndarray, spacing: np.ndarray) -> float:
     comparison. Smoothing would push small organs above 1.
     """
     p = np.pad(mask, 1).astype(np.uint8)
-    n0, n1, n2 = (s - 1 for s in p.shape)
-    code = np.zeros((n0, n1, n2), np.uint8)
-    for k in range(8):
-        dx, dy, dz = k & 1, (k >> 1) & 1, (k >> 2) & 1
-        code |= p[dx : dx + n0, dy : dy + n1, dz : dz + n2] << k
-    return float(np.bincount(code.ravel(), minlength=256) @ _cube_areas(tuple(float(s) for s in spacing)))
+    # corner code built one axis at a time: bit k of a cube <-> corner (k & 1, k >> 1 & 1, k >> 2 & 1)
+    code = p[:-1] | (p[1:] << 1)
+    code = code[:, :-1] | (code[:, 1:] << 2)
+    code = code[:, :, :-1] | (code[:, :, 1:] << 4)
+    code = code[(code != 0) & (code != 255)]  # only cubes the surface passes through have an area
+    return float(np.bincount(code, minlength=256) @ _cube_areas(tuple(float(s) for s in spacing)))
 
 
 @dataclass(frozen=True)
