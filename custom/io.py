@@ -355,3 +355,41 @@ class SafeLoadImaged(LoadImaged):
             for path in paths:
                 load_image_checked(path)  # raises the one-line InputError of the file that fails
             raise
+
+
+def screen_datalist(
+    items: Sequence[Mapping[str, Any]],
+    key: str = "image",
+    channels: int | None = None,
+    report_dir: str | os.PathLike | None = None,
+) -> list[Mapping[str, Any]]:
+    """Drop the items whose ``key`` file cannot be used, so that a batch goes on past a bad file.
+
+    One item: returned as it is (nothing read twice; a bad file fails in the pipeline with its one
+    line and exit 2). Several items: each file is loaded and checked (:func:`load_image_checked`,
+    :func:`check_image` with ``channels``); a bad one prints ``skipped: FILE: problem. Fix: ...`` on
+    stderr and becomes a row of ``<report_dir>/errors.csv`` (``file,error``). Raises
+    :class:`InputError` when no item is left.
+    """
+    items = list(items)
+    if len(items) <= 1:
+        return items
+    kept, errors = [], []
+    for item in items:
+        try:
+            check_image(load_image_checked(item[key]), path=str(item[key]), channels=channels)
+        except InputError as err:
+            print(f"skipped: {err}", file=sys.stderr, flush=True)
+            errors.append((str(item[key]), str(err)))
+        else:
+            kept.append(item)
+    if errors and report_dir is not None:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([("file", "error"), *errors])
+        atomic_write_text(Path(report_dir) / "errors.csv", buf.getvalue())
+    if not kept:
+        raise InputError(None, f"none of the {len(items)} inputs can be used (see the lines above)", "fix or remove the listed files")
+    return kept

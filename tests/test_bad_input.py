@@ -161,9 +161,13 @@ def _cases(bad: dict[str, str]) -> dict[str, dict]:
             "entry": "bundle_inference", "output": out(f"inf_{case}"),
             "args": {"input_path": bad[case], "output_dir": out(f"inf_{case}"), "ckpt_dir": bad["ckpt_dir"]},
         }
-    cases["bundle_inference/good"] = {
-        "entry": "bundle_inference", "output": out("inf_good"),
-        "args": {"input_path": bad["good_ct"], "output_dir": out("inf_good"), "ckpt_dir": bad["ckpt_dir"]},
+    batch = Path(bad["root"]) / "batch"  # a folder: one good CT and three bad files
+    batch.mkdir(exist_ok=True)
+    for key in ("good_ct", "nan", "constant", "truncated"):
+        shutil.copy(bad[key], batch / Path(bad[key]).name)
+    cases["bundle_inference/batch"] = {
+        "entry": "bundle_inference", "output": out("inf_batch"),
+        "args": {"input_path": str(batch), "output_dir": out("inf_batch"), "ckpt_dir": bad["ckpt_dir"]},
     }
     cases["bundle_inference/unwritable"] = {
         "entry": "bundle_inference", "output": None,
@@ -240,12 +244,17 @@ def test_bundle_inference_refuses_bad_input(outcomes, bad, case):
 
 
 @pytest.mark.slow
-def test_bundle_inference_good_input_writes_one_prediction(outcomes):
-    res = outcomes["bundle_inference/good"]
+def test_bundle_inference_batch_goes_on_past_bad_files_and_reports_each(outcomes):
+    res = outcomes["bundle_inference/batch"]
     assert res["code"] == 0, res["stderr"][-2000:]
-    assert res["files"] == ["good_ct_seg.nii.gz"]
-    pred = nib.load(Path(res["case"]["output"]) / "good_ct_seg.nii.gz")
-    assert pred.shape == (122, 101, 30)  # inverted back to the input's grid
+    assert "Traceback" not in res["stderr"]
+    skipped = sorted(ln for ln in res["stderr"].splitlines() if ln.startswith("skipped: "))
+    assert len(skipped) == 3 and all(". Fix: " in ln for ln in skipped), skipped
+    assert res["files"] == ["errors.csv", "good_ct_seg.nii.gz"]  # the good case was segmented
+    out = Path(res["case"]["output"])
+    errors = __import__("pandas").read_csv(out / "errors.csv")
+    assert sorted(Path(f).name for f in errors["file"]) == ["constant.nii.gz", "nan.nii.gz", "truncated.nii.gz"]
+    assert nib.load(out / "good_ct_seg.nii.gz").shape == (122, 101, 30)  # inverted back to the input's grid
 
 
 @pytest.mark.slow
