@@ -4,7 +4,7 @@ either absent or complete.
 The crash is real: the command runs in a child process whose ``os.replace`` kills the process
 (SIGKILL) at the moment it would rename one chosen output into place - the worst moment, when the
 temporary file is complete and nothing else has been cleaned up. Writers that wrote straight to the
-target would leave it there; these tests would then fail. Re-running the command completes the work.
+target would leave it there; these tests would then fail.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import pandas as pd
 import pytest
 import torch
@@ -72,17 +71,11 @@ def test_solf_killed_while_publishing_decisions_leaves_only_complete_files(solf_
     assert not any(n.startswith("labels/") for n in names)
     features = pd.read_parquet(out / "features.parquet")  # complete: readable, both volumes
     assert features["volume"].nunique() == 2 and len(features) > 20
+    thresholds = pd.read_csv(out / "thresholds.csv")  # written just before the kill: complete
+    assert set(thresholds["organ_id"]) == set(features["organ_id"])
     for p in _visible(out / "stage_a"):
         json.loads(p.read_text())  # every per-volume result is complete JSON
-    # the same command again resumes (stage A from disk) and completes every output
-    rerun = _run(args)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "stage A: 2 volumes, 2 already done, 0 to compute" in rerun.stderr
-    decisions = pd.read_csv(out / "decisions.csv")
-    assert len(decisions) == len(features)
-    assert json.loads((out / "summary.json").read_text())["masks"] == len(features)
-    for p in _visible(out / "labels"):
-        assert nib.load(p).get_fdata().shape[:2] in {(122, 101), (512, 512)}
+    # (the same command resumes from stage_a/ and completes: tests/test_solf_batch.py)
 
 
 def test_bundles_write_predictions_and_checkpoints_atomically():

@@ -22,7 +22,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "swin_bob_brats"
-EPOCHS = 3
+EPOCHS = 2
 TINY = {
     "network_def#feature_size": 12, "roi_size": [64, 32, 32], "pixdim": [4.0, 4.0, 4.0], "num_samples": 1,
     "num_workers": 0, "cache_rate": 0.0, "val_interval": 100, "warmup_epochs": 0, "epochs": EPOCHS,
