@@ -151,7 +151,27 @@ def step_report(demo: Demo) -> None:
     _say("reference = TotalSegmentator's automatic labels mapped to BTCV ids (not manual ground truth)")
 
 
-STEPS: list[Callable[[Demo], None]] = [step_data, step_train, step_infer, step_overlay, step_report]
+def step_solf(demo: Demo) -> None:
+    """SOLF (``custom.solf``) on the UKBOB sample's automatic labels: the report summary and rejected masks."""
+    import pandas as pd
+
+    from custom.sample_data import prepare
+    from custom.solf import batch
+
+    out = demo.out / "solf"
+    _say(f"solf: stage A on every ukbob_sample label map, then the cohort rule (eps 2, >= 2 of 3 features); "
+         f"3 volumes are no cohort, so min_samples 2; reports in {out}")
+    summary = batch.run(prepare("ukbob_sample") / "dataset.json", out, workers=2, min_samples=2)
+    dec = pd.read_csv(out / "decisions.csv")
+    print("\nvolume                               organ                          outliers  action")
+    for row in dec[dec["rejected"]].itertuples():
+        print(f"{row.volume:<36} {row.organ:<30} {row.outliers:>8}  {row.action}")
+    demo.results["solf_rejected"] = summary["rejected"]
+    _say(f"solf: {summary['rejected']} of {summary['masks']} organ masks rejected; thresholds.csv, "
+         f"decisions.csv, plots/ and filtered labels/ in {out}")
+
+
+STEPS: list[Callable[[Demo], None]] = [step_data, step_train, step_infer, step_overlay, step_report, step_solf]
 
 
 def main(argv: list[str] | None = None) -> Demo:
