@@ -107,3 +107,14 @@ def test_train_applies_decisions_and_runs_one_tiny_epoch(solf_root) -> None:
     SwinUNETR(in_channels=4, out_channels=73, feature_size=12).load_state_dict(state)
     trainer = parser.get_parsed_content("train#trainer")
     assert np.isfinite(float(trainer.state.output[0]["loss"]))
+
+
+def test_use_solf_false_trains_on_the_raw_labels(ukbob_sample, tmp_path) -> None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(ukbob_sample), "use_solf": False})
+    assert parser.get_parsed_content("train#solf_transforms") == []  # no decisions.csv needed
+    assert len(parser.get_parsed_content("train_datalist")) == 2
+    assert type(parser.get_parsed_content("loss")).__name__ == "MaskedDiceCELoss"
