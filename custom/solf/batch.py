@@ -178,7 +178,7 @@ def _is_done(item: Item, output_dir: Path, fingerprint: str) -> dict[str, Any] |
     return res if ok else None
 
 
-def apply_volume(item: Item, output_dir: str, actions: dict[int, str], config: StageAConfig, ignore_value: int) -> dict[str, Any]:
+def apply_volume(item: Item, output_dir: str, config: StageAConfig, ignore_value: int, actions: dict[int, str]) -> dict[str, Any]:
     """Worker task: write the filtered label map (cleaned components + decisions) under ``labels/``."""
     import nibabel as nib
 
@@ -248,12 +248,15 @@ class Executor:
         self.close()
 
 
-def _map(executor: Executor, fn: Callable, items: Sequence[Item], args: tuple, desc: str) -> tuple[list[dict], list[dict]]:
-    """Run ``fn(item, *args)`` for every item with a progress bar; (results, errors)."""
+def _map(
+    executor: Executor, fn: Callable, items: Sequence[Item], args: tuple, desc: str,
+    item_args: Callable[[Item], tuple] = lambda item: (),
+) -> tuple[list[dict], list[dict]]:
+    """Run ``fn(item, *args, *item_args(item))`` for every item with a progress bar; (results, errors)."""
     from tqdm import tqdm
 
     results, errors = [], []
-    futures = {executor.submit(fn, item, *args): item for item in items}
+    futures = {executor.submit(fn, item, *args, *item_args(item)): item for item in items}
     with tqdm(total=len(futures), desc=desc, unit="vol", file=sys.stderr, disable=not items) as bar:
         try:
             for fut in executor.as_completed(list(futures)):
@@ -399,8 +402,8 @@ def apply(
     todo = [i for i in items if not _newer(out / "labels" / filtered_name(i.volume), stamp)]
     print(f"apply: {len(items)} volumes, {len(items) - len(todo)} already written", file=sys.stderr, flush=True)
     with Executor(workers, scheduler) as ex:
-        futures_items = todo
-        results, errors = _map_apply(ex, futures_items, str(out), actions, config, ignore_value)
+        results, errors = _map(ex, apply_volume, todo, (str(out), config, ignore_value), "SOLF apply",
+                               lambda item: (actions.get(item.volume, {}),))
     _write_datalist(datalist, out, keys, known - dropped - {e["volume"] for e in errors})
     if errors:
         old = pd.read_csv(out / "errors.csv") if (out / "errors.csv").exists() else pd.DataFrame(columns=ERROR_COLUMNS)
@@ -411,17 +414,6 @@ def apply(
 
 def _newer(path: Path, stamp: int) -> bool:
     return path.exists() and path.stat().st_mtime_ns >= stamp
-
-
-def _map_apply(ex: Executor, items: list[Item], out: str, actions: dict, config: StageAConfig, ignore_value: int):
-    from tqdm import tqdm
-
-    futures = {ex.submit(apply_volume, i, out, actions.get(i.volume, {}), config, ignore_value): i for i in items}
-    results, errors = [], []
-    for fut in tqdm(ex.as_completed(list(futures)), total=len(futures), desc="SOLF apply", unit="vol", file=sys.stderr, disable=not items):
-        res = fut.result()
-        (errors if "error" in res else results).append(res)
-    return results, errors
 
 
 def _write_datalist(datalist: str | Path, out: Path, keys: Sequence[str] | str | None, keep: set[str]) -> None:
