@@ -150,7 +150,7 @@ class SafeCheckpointLoader(CheckpointLoader):
         try:
             super().__call__(engine)
         except Exception as exc:  # noqa: BLE001 - re-read the file to say in one line what is wrong
-            read_checkpoint(self.load_path)  # raises InputError for every unreadable or untrusted file
+            read_checkpoint(os.path.realpath(self.load_path))  # InputError naming the real file (not a symlink)
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
             detail = next((ln for ln in lines if "size mismatch" in ln or "Missing key" in ln or "Unexpected key" in ln), lines[0])
             raise InputError(

@@ -47,6 +47,10 @@ def _call(entry: str, args: dict) -> None:
             run_id="run", bundle_root=str(BTCV), config_file=[str(BTCV / "configs" / c) for c in configs],
             logging_file=str(BTCV / "configs" / "logging.conf"), **TINY_BTCV, **args,
         )
+    elif entry == "segment":
+        from custom.segment import main
+
+        main(args["argv"])
     elif entry == "solf":
         from custom.solf.__main__ import run
 
@@ -188,6 +192,17 @@ def _cases(bad: dict[str, str]) -> dict[str, dict]:
             "args": {"eval_datalist": [{"image": bad[image], "label": bad[label]}], "output_dir": out(f"eval_{case}"),
                      "ckpt_dir": bad["ckpt_dir"]},
         }
+    # the segment command (one volume) over the same bundle, with its own --model and output file
+    tiny = ["--device", "cpu", "--override", "feature_size=12", "roi_size=[64,64,64]", "pixdim=[6,6,6]", "sw_batch_size=1"]
+    model = str(Path(bad["ckpt_dir"]) / "model.pt")
+    for case, image, weights, target in (
+        ("truncated", bad["truncated"], model, out("seg_truncated") + "/seg.nii.gz"),
+        ("four_channels", bad["four_channels"], model, out("seg_four_channels") + "/seg.nii.gz"),
+        ("pickled_ckpt", bad["good_ct"], bad["pickled_pt"], out("seg_pickled_ckpt") + "/seg.nii.gz"),
+        ("unwritable", bad["good_ct"], model, bad["unwritable"] + "/seg.nii.gz"),
+    ):
+        cases[f"segment/{case}"] = {"entry": "segment", "output": str(Path(target).parent),
+                                    "args": {"argv": ["-i", image, "-o", target, "--model", weights, *tiny]}}
     # SOLF: one batch with every bad label file and one good one; it must go on and report each
     datalist = Path(bad["root"]) / "solf_datalist.json"
     entries = [{"image": bad["good_ct"], "label": bad["good_label"]}] + [
@@ -256,6 +271,18 @@ def test_bundle_inference_batch_goes_on_past_bad_files_and_reports_each(outcomes
     errors = __import__("pandas").read_csv(out / "errors.csv")
     assert sorted(Path(f).name for f in errors["file"]) == ["constant.nii.gz", "nan.nii.gz", "truncated.nii.gz"]
     assert nib.load(out / "good_ct_seg.nii.gz").shape == (122, 101, 30)  # inverted back to the input's grid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["truncated", "four_channels", "pickled_ckpt", "unwritable"])
+def test_segment_command_refuses_bad_input(outcomes, bad, case):
+    res = outcomes[f"segment/{case}"]
+    assert res["code"] == 2, res["stderr"][-2000:]
+    path = {"pickled_ckpt": bad["pickled_pt"], "unwritable": bad["unwritable"]}.get(case, bad.get(case))
+    line = _one_error_line(res, path)  # the user's file, not the temporary copy segment runs on
+    assert res["files"] == []
+    assert {"truncated": "cannot be read", "four_channels": "4 channel(s)", "pickled_ckpt": "refused: the checkpoint holds",
+            "unwritable": "output folder"}[case] in line
 
 
 @pytest.mark.slow
