@@ -22,6 +22,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 
+from custom.io import InputError
 from custom.labels import IGNORE_LABEL, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, ComponentRange
 from custom.solf.cohort import apply_actions, organ_actions
 from custom.solf.features import DEFAULT_MIN_FRACTION, OrganFeatures, check_label_ids, clean_components, volume_features
@@ -170,12 +171,20 @@ class DecisionTable:
         return None
 
 
+class UnknownVolumeError(InputError, KeyError):
+    """A label file that the SOLF decisions table does not list: one line (an :class:`InputError`, so
+    bundle runs exit 2 with it) that is also a ``KeyError`` (a lookup that failed)."""
+
+    __str__ = InputError.__str__
+
+
 class ApplySOLFDecision(Transform):
     """Apply SOLF stage-B decisions to one label map.
 
     Input: label map ``(1, H, W, D)`` whose MetaTensor ``filename_or_obj`` (or ``filename=``) names the
     volume. Output: the same, with each rejected organ set to ``ignore_value`` (action ``ignore``)
-    or 0 (``background``). A volume missing from the table raises ``KeyError`` unless
+    or 0 (``background``). A volume missing from the table raises :class:`UnknownVolumeError` (a
+    ``KeyError`` and an :class:`~custom.io.InputError`) unless
     ``allow_unknown=True`` (then it passes unchanged).
     """
 
@@ -190,7 +199,7 @@ class ApplySOLFDecision(Transform):
         if actions is None:
             if self.allow_unknown:
                 return label
-            raise KeyError(f"{filename}: not in the SOLF decisions table; run `python -m custom.solf run` on this datalist")
+            raise UnknownVolumeError(filename, "not in the SOLF decisions table", "run `python -m custom.solf run` on this datalist")
         if not actions:
             return label
         return _back(apply_actions(_as_numpy_3d(label), actions, self.ignore_value).astype(np.int32), label)
