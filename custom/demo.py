@@ -10,6 +10,7 @@ Steps (each a small function of the shared :class:`Demo` state, run in the order
    in the input's space.
 4. ``overlay``: PNG of image / reference / prediction (``custom.visualize``).
 5. ``report``: per-organ Dice against the reference labels (TotalSegmentator's automatic labels).
+- ``etta`` (last): the same inference with ``--use_etta true``; per-organ Dice without and with ETTA.
 
 Usage: ``python -m custom.demo [--minutes 5] [--out demo_output]``. Later steps (SOLF, ETTA) are
 added by appending a function to :data:`STEPS`.
@@ -38,6 +39,7 @@ class Demo:
 
     out: Path
     minutes: float = 5.0
+    etta_steps: int = 1
     dataset_dir: Path | None = None
     ckpt_dir: Path | None = None
     held_out: dict[str, str] = field(default_factory=dict)
@@ -171,15 +173,66 @@ def step_solf(demo: Demo) -> None:
          f"decisions.csv, plots/ and filtered labels/ in {out}")
 
 
-STEPS: list[Callable[[Demo], None]] = [step_data, step_train, step_infer, step_overlay, step_report, step_solf]
+def step_etta(demo: Demo) -> None:
+    """The same inference with ``--use_etta true`` (custom.etta): Dice per organ without and with ETTA."""
+    import nibabel as nib
+    from monai.bundle import run
+
+    from custom.labels import BTCV_LABELS
+
+    pred_dir = demo.out / "predictions_etta"
+    _say(f"etta: inference.json --use_etta true, K = {demo.etta_steps} entropy steps on the LayerNorm affines "
+         "(SGD lr 1e-3), entropy-weighted candidates; one 'ETTA volume' log line")
+    start = time.time()
+    run(
+        config_file=str(CONFIGS / "inference.json"), logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE),
+        input_path=demo.held_out["image"], ckpt_dir=str(demo.ckpt_dir), output_dir=str(pred_dir), use_etta=True,
+        **{"etta_inferer#steps": demo.etta_steps}, **SMALL,
+    )
+    demo.results["etta_minutes"] = (time.time() - start) / 60
+    pred = np.asarray(nib.load(pred_dir / demo.prediction.name).dataobj)
+    ref = np.asarray(nib.load(demo.held_out["label"]).dataobj)
+    dice = organ_dice(pred, ref, dict(BTCV_LABELS))
+    print("\norgan                          Dice     Dice + ETTA")
+    for name, d in demo.dice.items():
+        if not np.isnan(d):
+            print(f"{name:<30} {d:.3f}    {dice[name]:.3f}")
+    present = [v for v in dice.values() if not np.isnan(v)]
+    demo.results["mean_dice_etta"] = float(np.mean(present)) if present else float("nan")
+    print(f"{'mean':<30} {demo.results['mean_dice']:.3f}    {demo.results['mean_dice_etta']:.3f}\n")
+    _say(f"etta: {demo.results['etta_minutes']:.1f} min, wrote {pred_dir / demo.prediction.name}")
+
+
+def step_solf(demo: Demo) -> None:
+    """SOLF (``custom.solf``) on the UKBOB sample's automatic labels: the report summary and rejected masks."""
+    import pandas as pd
+
+    from custom.sample_data import prepare
+    from custom.solf import batch
+
+    out = demo.out / "solf"
+    _say(f"solf: stage A on every ukbob_sample label map, then the cohort rule (eps 2, >= 2 of 3 features); "
+         f"3 volumes are no cohort, so min_samples 2; reports in {out}")
+    summary = batch.run(prepare("ukbob_sample") / "dataset.json", out, workers=2, min_samples=2)
+    dec = pd.read_csv(out / "decisions.csv")
+    print("\nvolume                               organ                          outliers  action")
+    for row in dec[dec["rejected"]].itertuples():
+        print(f"{row.volume:<36} {row.organ:<30} {row.outliers:>8}  {row.action}")
+    demo.results["solf_rejected"] = summary["rejected"]
+    _say(f"solf: {summary['rejected']} of {summary['masks']} organ masks rejected; thresholds.csv, "
+         f"decisions.csv, plots/ and filtered labels/ in {out}")
+
+
+STEPS: list[Callable[[Demo], None]] = [step_data, step_train, step_infer, step_overlay, step_report, step_solf, step_etta]
 
 
 def main(argv: list[str] | None = None) -> Demo:
     parser = argparse.ArgumentParser(prog="python -m custom.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
     parser.add_argument("--out", type=Path, default=REPO / "demo_output", help="output folder (default demo_output/)")
+    parser.add_argument("--etta_steps", type=int, default=1, help="ETTA steps K in the last step (method default 3; 1 keeps the demo short)")
     args = parser.parse_args(argv)
-    demo = Demo(out=args.out.resolve(), minutes=args.minutes)
+    demo = Demo(out=args.out.resolve(), minutes=args.minutes, etta_steps=args.etta_steps)
     demo.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     for i, step in enumerate(STEPS, 1):
