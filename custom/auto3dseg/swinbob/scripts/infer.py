@@ -72,6 +72,7 @@ class InferClass:
                     resample=False,
                     separate_folder=False,
                     print_log=False,
+                    savepath_in_metadict=True,
                     writer="custom.io.AtomicNibabelWriter" if _has_custom() else None,
                 ),
             ]
