@@ -68,8 +68,9 @@ def inference_datalist(path: str | os.PathLike, key: str = "test", check: bool =
     series (MONAI's ``ITKReader``); a folder of image files -> one case each, sorted; a Decathlon
     ``dataset.json`` (or a folder holding one) -> its ``key`` list (default ``"test"``).
 
-    Returns ``[{"image": absolute path}, ...]``. With ``check`` each NIfTI header is read, so a file
-    that is not an image fails here with one line instead of deep inside the data loader.
+    Returns ``[{"image": absolute path}, ...]``. With ``check`` and a single input its NIfTI header
+    is read, so a file that is not an image fails here with one line instead of deep inside the data
+    loader; a batch is left whole for ``custom.io.screen_datalist``, which skips and reports bad items.
     Raises :class:`~custom.io.InputError` for a missing, empty or unusable path.
     """
     path = check_readable(Path(path).expanduser().resolve())
@@ -87,7 +88,8 @@ def inference_datalist(path: str | os.PathLike, key: str = "test", check: bool =
             raise InputError(path, "holds no image files and no DICOM series", "give a NIfTI file or a DICOM series folder")
     if not items:
         raise InputError(path, f"the '{key}' list is empty", "add cases or pass one image file")
-    if check:
+    # one input: fail here with its one line; several: custom.io.screen_datalist skips and reports each bad one
+    if check and len(items) == 1:
         for item in items:
             image = check_readable(item["image"])
             if image.is_file():

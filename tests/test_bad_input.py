@@ -166,9 +166,9 @@ def _cases(bad: dict[str, str]) -> dict[str, dict]:
             "entry": "bundle_inference", "output": out(f"inf_{case}"),
             "args": {"input_path": bad[case], "output_dir": out(f"inf_{case}"), "ckpt_dir": bad["ckpt_dir"]},
         }
-    batch = Path(bad["root"]) / "batch"  # a folder: one good CT and three bad files
+    batch = Path(bad["root"]) / "batch"  # a folder: one good CT and four bad files
     batch.mkdir(exist_ok=True)
-    for key in ("good_ct", "nan", "constant", "truncated"):
+    for key in ("good_ct", "nan", "constant", "truncated", "not_image"):
         shutil.copy(bad[key], batch / Path(bad[key]).name)
     cases["bundle_inference/batch"] = {
         "entry": "bundle_inference", "output": out("inf_batch"),
@@ -265,11 +265,11 @@ def test_bundle_inference_batch_goes_on_past_bad_files_and_reports_each(outcomes
     assert res["code"] == 0, res["stderr"][-2000:]
     assert "Traceback" not in res["stderr"]
     skipped = sorted(ln for ln in res["stderr"].splitlines() if ln.startswith("skipped: "))
-    assert len(skipped) == 3 and all(". Fix: " in ln for ln in skipped), skipped
+    assert len(skipped) == 4 and all(". Fix: " in ln for ln in skipped), skipped
     assert res["files"] == ["errors.csv", "good_ct_seg.nii.gz"]  # the good case was segmented
     out = Path(res["case"]["output"])
     errors = __import__("pandas").read_csv(out / "errors.csv")
-    assert sorted(Path(f).name for f in errors["file"]) == ["constant.nii.gz", "nan.nii.gz", "truncated.nii.gz"]
+    assert sorted(Path(f).name for f in errors["file"]) == ["constant.nii.gz", "nan.nii.gz", "not_image.nii.gz", "truncated.nii.gz"]
     assert nib.load(out / "good_ct_seg.nii.gz").shape == (122, 101, 30)  # inverted back to the input's grid
 
 
