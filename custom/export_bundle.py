@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from custom.io import InputError, check_writable_dir, cli_main, sha256_file
+from custom.io import InputError, check_writable_dir, cli_main, parse_overrides, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(__file__).resolve().parent
@@ -209,16 +209,6 @@ def export_bundle(
     return dest
 
 
-def _parse_override(items: Sequence[str]) -> dict[str, Any]:
-    result = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(None, f"--net_override {item!r} is not KEY=VALUE", "e.g. --net_override feature_size=12")
-        result[key] = yaml.safe_load(value)
-    return result
-
-
 @cli_main
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m custom.export_bundle", description=__doc__.split("\n\n")[0])
@@ -234,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--no_net_check", action="store_true", help="skip verify_net_in_out")
     args = parser.parse_args(argv)
     return export_bundle(args.name, args.out, schema=args.schema, weights=args.weights, overwrite=args.overwrite,
-                         net_override=_parse_override(args.net_override), check_net=not args.no_net_check)
+                         net_override=parse_overrides(args.net_override, "--net_override", "feature_size=12"), check_net=not args.no_net_check)
 
 
 if __name__ == "__main__":

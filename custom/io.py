@@ -76,6 +76,20 @@ def cli_main(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+
+def parse_overrides(items: Sequence[str], option: str = "--override", example: str = "sw_batch_size=2") -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` from a command line -> ``{KEY: value}``, each value parsed as YAML
+    (``12`` -> int, ``[64,64,64]`` -> list, ``true`` -> bool). A malformed item is an :class:`InputError`."""
+    import yaml
+
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(None, f"{option} {item!r} is not KEY=VALUE", f"e.g. {option} {example}")
+        result[key] = yaml.safe_load(value)
+    return result
+
 # ---------------------------------------------------------------- atomic writes
 def _temp_name(path: Path) -> Path:
     # keep the full suffix (.nii.gz, .csv, ...) so writers that pick a format by extension still work

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from custom.io import InputError, atomic_path, check_readable, check_writable_dir, cli_main
+from custom.io import InputError, atomic_path, check_readable, check_writable_dir, cli_main, parse_overrides
 from custom.labels import BRATS_LABELS, BTCV_LABELS, UKBOB_LABELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,18 +179,6 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    import yaml
-
-    result = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(None, f"--override {item!r} is not KEY=VALUE", "e.g. --override sw_batch_size=2")
-        result[key] = yaml.safe_load(value)
-    return result
-
-
 @cli_main
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m custom.segment", description=__doc__.split("\n\n")[0])
@@ -206,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         help="inference.json overrides, e.g. sw_batch_size=2 (as monai.bundle run takes them)")
     args = parser.parse_args(argv)
     return segment(args.input, args.output, bundle=args.bundle, etta=args.etta, device=args.device, stats=args.stats,
-                   model=args.model, bundles_root=args.bundles_root, overrides=_parse_overrides(args.override))
+                   model=args.model, bundles_root=args.bundles_root, overrides=parse_overrides(args.override))
 
 
 if __name__ == "__main__":

@@ -136,3 +136,13 @@ def test_load_image_checked_reads_real_ct(btcv_sample):
     img = load_image_checked(btcv_sample / "images" / "ct_abdomen.nii.gz")
     assert tuple(img.shape) == (1, 122, 101, 112)
     assert float(img.min()) == pytest.approx(-1207.0)
+
+
+def test_parse_overrides_reads_yaml_values_and_refuses_malformed_items():
+    from custom.io import parse_overrides
+
+    assert parse_overrides(["feature_size=12", "roi_size=[64, 64, 64]", "use_etta=true"]) == {
+        "feature_size": 12, "roi_size": [64, 64, 64], "use_etta": True}
+    for bad in ("feature_size", "=12"):
+        with pytest.raises(InputError, match=r"--net_override .* is not KEY=VALUE\. Fix: e.g. --net_override a=1"):
+            parse_overrides([bad], "--net_override", "a=1")
