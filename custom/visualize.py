@@ -125,6 +125,16 @@ def _check_shapes(image: np.ndarray, *labels: np.ndarray | None) -> None:
             raise ValueError(f"label shape {lab.shape} differs from image shape {image.shape}")
 
 
+def _display_volumes(image: Any, pred: Any, label: Any, taxonomy: str, affine: Any) -> tuple:
+    """(organ names, colour table, image, prediction, reference or None) ready to draw, same shapes."""
+    names = TAXONOMIES[taxonomy].output_channels
+    img = to_display_volume(image, affine)
+    prd = to_display_volume(pred, affine, is_label=True)
+    lab = None if label is None else to_display_volume(label, affine, is_label=True)
+    _check_shapes(img, prd, lab)
+    return names, label_colors(max(names) + 1), img, prd, lab
+
+
 def save_overlay_png(
     path: str | os.PathLike, image: Any, pred: Any, label: Any = None, taxonomy: str = "btcv",
     affine: Any = None, slice_index: int | None = None, window: tuple[float, float] | None = None, title: str = "",
@@ -138,12 +148,7 @@ def save_overlay_png(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    names = TAXONOMIES[taxonomy].output_channels
-    colors = label_colors(max(names) + 1)
-    img = to_display_volume(image, affine)
-    prd = to_display_volume(pred, affine, is_label=True)
-    lab = None if label is None else to_display_volume(label, affine, is_label=True)
-    _check_shapes(img, prd, lab)
+    names, colors, img, prd, lab = _display_volumes(image, pred, label, taxonomy, affine)
     index = pick_slice(lab, prd) if slice_index is None else int(slice_index)
     pics, titles = _panels(img, lab, prd, index, colors, window)
 
@@ -172,12 +177,7 @@ def save_sweep_gif(
     :func:`save_overlay_png` (no legend). Returns the path (written atomically)."""
     from PIL import Image
 
-    names = TAXONOMIES[taxonomy].output_channels
-    colors = label_colors(max(names) + 1)
-    img = to_display_volume(image, affine)
-    prd = to_display_volume(pred, affine, is_label=True)
-    lab = None if label is None else to_display_volume(label, affine, is_label=True)
-    _check_shapes(img, prd, lab)
+    _, colors, img, prd, lab = _display_volumes(image, pred, label, taxonomy, affine)
     if window is None:  # one grey window for the whole sweep, so frames do not flicker
         window = (float(np.percentile(img, 1)), float(np.percentile(img, 99)))
     frames = []
