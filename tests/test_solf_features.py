@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from custom.labels import UKBOB_ID
-from custom.solf.features import clean_components, organ_boxes, volume_features
+from custom.solf.features import clean_components, volume_features
 
 LIVER, SPLEEN, VERTEBRA, AORTA = UKBOB_ID["liver"], UKBOB_ID["spleen"], UKBOB_ID["vertebra_body"], UKBOB_ID["aorta"]
 
@@ -84,13 +84,6 @@ def test_component_cleaning_follows_each_organ_range() -> None:
     assert (liver.bbox_x0, liver.bbox_x1) == (5, 25)  # the box of the cleaned mask
 
 
-def test_organ_boxes_one_pass() -> None:
-    labels = np.zeros((10, 10, 10), np.uint8)
-    labels[2:4, 3:7, 1:2] = 5
-    labels[8, 8, 8] = 72
-    boxes = organ_boxes(labels)
-    assert set(boxes) == {5, 72}
-    assert boxes[5] == (slice(2, 4), slice(3, 7), slice(1, 2))
 
 
 def test_transforms_on_a_real_label_map(ukbob_sample) -> None:
@@ -113,15 +106,40 @@ def test_transforms_on_a_real_label_map(ukbob_sample) -> None:
     assert 100 < rows["kidney_right"].volume_ml < 250
 
 
-def test_surface_area_equals_skimage_marching_cubes_on_real_organs(ukbob_sample) -> None:
+def test_surface_areas_in_one_pass_equal_skimage_marching_cubes_on_real_organs(ukbob_sample) -> None:
     import nibabel as nib
     from skimage.measure import marching_cubes, mesh_surface_area
 
-    from custom.solf.features import surface_area_mm2
+    from custom.solf.features import surface_area_mm2, surface_areas_mm2
 
     labels = np.asarray(nib.load(str(ukbob_sample / "labels" / "ct_abdomen.nii.gz")).dataobj)
     spacing = (0.8, 1.5, 2.5)
-    for organ in (UKBOB_ID["liver"], UKBOB_ID["adrenal_gland_left"], UKBOB_ID["costal_cartilages"]):
+    areas = surface_areas_mm2(labels, spacing)
+    present = [int(i) for i in np.unique(labels) if i]
+    assert len(present) == 40 and np.count_nonzero(areas) == 40
+    for organ in present:  # every organ, each meshed on its own padded mask
         mask = labels == organ
-        verts, faces, _, _ = marching_cubes(np.pad(mask, 1).astype(np.float32), 0.5, spacing=spacing)
-        assert surface_area_mm2(mask, np.array(spacing)) == pytest.approx(mesh_surface_area(verts, faces), rel=1e-6)
+        box = tuple(slice(max(int(ix.min()) - 1, 0), int(ix.max()) + 2) for ix in np.nonzero(mask))
+        verts, faces, _, _ = marching_cubes(np.pad(mask[box], 1).astype(np.float32), 0.5, spacing=spacing)
+        assert areas[organ] == pytest.approx(mesh_surface_area(verts, faces), rel=1e-9), organ
+    liver = UKBOB_ID["liver"]
+    assert surface_area_mm2(labels == liver, spacing) == pytest.approx(areas[liver], rel=1e-12)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_component_moments_from_runs_match_a_per_voxel_count(order) -> None:
+    from custom.solf.features import connected_components
+
+    rng = np.random.default_rng(3)
+    labels = np.asarray(rng.integers(0, 4, (9, 7, 11)) * (rng.random((9, 7, 11)) < 0.3), dtype=np.uint8, order=order)
+    comps = connected_components(labels)
+    n = len(comps.label) - 1
+    assert n > 20 and comps.voxels[1:].sum() == np.count_nonzero(labels)
+    for cid in range(1, n + 1):
+        idx = np.argwhere(comps.cc == cid).astype(float)  # (voxels, 3) indices along the label map's axes
+        assert np.all(labels[comps.cc == cid] == comps.label[cid])
+        assert comps.voxels[cid] == len(idx)
+        np.testing.assert_allclose(comps.first[cid], idx.sum(axis=0))
+        np.testing.assert_allclose(comps.second[cid], idx.T @ idx)
+        np.testing.assert_array_equal(comps.lo[cid], idx.min(axis=0))
+        np.testing.assert_array_equal(comps.hi[cid], idx.max(axis=0) + 1)
