@@ -123,8 +123,8 @@ def load_labels(path: str, max_id: int = max(UKBOB_LABELS)) -> tuple[np.ndarray,
     if arr.min() < 0:
         raise BadVolume(f"{path}: negative label ids. Fix: use ids 0..{max_id}")
     top = int(arr.max())
-    present = np.flatnonzero(np.bincount(arr.ravel(), minlength=max_id + 1)[: max_id + 1])
-    bad = sorted({int(i) for i in present if i in UKBOB_UNUSED_IDS} | (set(np.unique(arr[arr > max_id]).tolist()) if top > max_id else set()))
+    # one compare per unused id (there are few), not a histogram of the whole volume
+    bad = sorted({i for i in UKBOB_UNUSED_IDS if i <= top and (arr == i).any()} | (set(np.unique(arr[arr > max_id]).tolist()) if top > max_id else set()))
     if bad:
         raise BadVolume(f"{path}: label ids {bad[:5]} are outside the taxonomy (0..{max_id}). Fix: remap the labels to UKBOB ids")
     affine = np.asarray(img.affine, dtype=np.float64)
