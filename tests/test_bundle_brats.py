@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import json
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import bundle_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "swin_bob_brats"
@@ -23,13 +25,7 @@ SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 TINY = {"network_def#feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [6.0, 6.0, 6.0], "sw_batch_size": 1}
 
 
-def workflow(configs: list[str], bundle_root: Path, workflow_type: str, **override):
-    from monai.bundle import ConfigWorkflow
-
-    return ConfigWorkflow(
-        config_file=[str(CONFIGS / c) for c in configs], meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False, workflow_type=workflow_type, bundle_root=str(bundle_root), **TINY, **override,
-    )
+workflow = partial(bundle_workflow, "swin_bob_brats", **TINY)
 
 
 def test_sample_is_brats_shaped(brats_sample):

@@ -10,12 +10,14 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from bundle_helpers import bundle_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "swin_bob_ukbob"
@@ -25,13 +27,7 @@ SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 TINY = {"network_def#feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [4.0, 4.0, 4.0], "sw_batch_size": 1}
 
 
-def workflow(configs: list[str], bundle_root: Path, workflow_type: str, **override):
-    from monai.bundle import ConfigWorkflow
-
-    return ConfigWorkflow(
-        config_file=[str(CONFIGS / c) for c in configs], meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False, workflow_type=workflow_type, bundle_root=str(bundle_root), **TINY, **override,
-    )
+workflow = partial(bundle_workflow, "swin_bob_ukbob", **TINY)
 
 
 def test_metadata_verifies_offline_and_matches_the_label_table() -> None:

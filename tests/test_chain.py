@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from bundle_helpers import BUNDLES, bundle_workflow
 
 from custom.transfer import adapt_input_channels
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
 #: tiny settings every bundle accepts: feature_size 12, 64^3 windows, 6 mm voxels, one epoch on one case
 TINY = {
     "network_def#feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [6.0, 6.0, 6.0], "sw_batch_size": 1,
@@ -31,13 +30,7 @@ HEAD = ("out.conv.conv.weight", "out.conv.conv.bias")
 
 def train_stage(bundle: str, root: Path, pretrained: Path | None = None, **override) -> dict[str, torch.Tensor]:
     """Run ``bundle``'s train.json (tiny) in ``root``; return the network's weights right after loading."""
-    from monai.bundle import ConfigWorkflow
-
-    configs = BUNDLES / bundle / "configs"
-    wf = ConfigWorkflow(
-        config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"), logging_file=False,
-        workflow_type="train", bundle_root=str(root), pretrained_ckpt=str(pretrained or ""), **TINY, **override,
-    )
+    wf = bundle_workflow(bundle, ["train.json"], root, "train", pretrained_ckpt=str(pretrained or ""), **TINY, **override)
     wf.initialize()
     loaded = {k: v.detach().clone() for k, v in wf.parser.get_parsed_content("network").state_dict().items()}
     wf.run()
