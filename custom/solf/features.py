@@ -279,16 +279,31 @@ def surface_areas_mm2(labels: np.ndarray, spacing: Sequence[float]) -> np.ndarra
     flat = np.ascontiguousarray(np.pad(view, 1)).reshape(-1)  # background around the volume closes every surface
     s0, s1 = (view.shape[1] + 2) * (view.shape[2] + 2), view.shape[2] + 2
     offsets = [(k & 1) * s0 + (k >> 1 & 1) * s1 + (k >> 2 & 1) for k in range(8)]  # corner k of a cube
-    # max and min over each cube, indexed by the flat index of its corner 0; cubes that wrap around a
-    # row end hold only padding, so they are never mixed
-    hi, lo = flat, flat
-    for step in (s0, s1, 1):
+    table = _cube_areas(tuple(float(spacing[ax]) for ax in axes))
+    n_ids = int(flat.max(initial=0)) + 1
+    counts = np.zeros(n_ids * 256, dtype=np.int64)
+    n_cubes = flat.size - offsets[7]  # a cube is indexed by the flat index of its corner 0
+    for start in range(0, n_cubes, _CHUNK):  # chunks small enough for the CPU cache
+        counts += _mixed_cube_patterns(flat, start, min(start + _CHUNK, n_cubes), offsets, n_ids)
+    return counts.reshape(n_ids, 256) @ table
+
+
+#: cubes per chunk of :func:`surface_areas_mm2` (a few hundred kB of uint8 temporaries: stays in L2)
+_CHUNK = 1 << 18
+
+
+def _mixed_cube_patterns(flat: np.ndarray, start: int, stop: int, offsets: list[int], n_ids: int) -> np.ndarray:
+    """Counts of (id, corner pattern) over the cubes ``start:stop`` of a padded flat label map, ``(n_ids * 256,)``.
+
+    Cubes that wrap around a row end hold only padding, so they are never mixed and never counted.
+    """
+    hi = lo = flat[start : stop + offsets[7]]
+    for step in (offsets[1], offsets[2], offsets[4]):  # max and min over each cube, one axis at a time
         hi, lo = np.maximum(hi[:-step], hi[step:]), np.minimum(lo[:-step], lo[step:])
     mixed = np.flatnonzero(hi != lo)
     hi, lo = hi[mixed], lo[mixed]
+    mixed += start
     corners = [flat[off:][mixed] for off in offsets]
-    table = _cube_areas(tuple(float(spacing[ax]) for ax in axes))
-    n_ids = int(hi.max(initial=0)) + 1
     counts = np.zeros(n_ids * 256, dtype=np.int64)
 
     def add(ids: np.ndarray, codes: np.ndarray) -> None:
@@ -315,7 +330,7 @@ def surface_areas_mm2(labels: np.ndarray, spacing: Sequence[float]) -> np.ndarra
             if j < k:
                 first &= ~same
         add(corners[k][first], code[first])
-    return counts.reshape(n_ids, 256) @ table
+    return counts
 
 
 def surface_area_mm2(mask: np.ndarray, spacing: Sequence[float]) -> float:
