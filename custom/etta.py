@@ -14,7 +14,16 @@ For every input volume it
    ``online=True``, which keeps the adapted parameters and the optimiser state for the next volume.
 
 Cost: K + 1 forward passes and K backward passes over the windows; memory: one window's graph plus
-two output-sized buffers (the current pass and the running weighted combination).
+two output-sized buffers (the current pass and the running weighted combination). One window's graph
+is kept small in two ways. (1) ``fused_attention=True`` (default) runs MONAI's Swin window attention
+through ``torch.nn.functional.scaled_dot_product_attention`` during ETTA's passes, with gradients too
+(MONAI's own ``use_flash_attention`` acts only without gradients), and applies shifted-window masks per
+group of windows sharing one: the backward then keeps no ``windows x heads x n x n`` attention
+matrices or biases, which were most of the graph (a 64^3 window of a feature_size-12 Swin-UNETR:
+stages 1-3 kept ~610 MB of the ~760 MB saved for backward). The network's own forward is back after
+every volume. (2) The entropy loss is one autograd function (:func:`weighted_entropy_sum`) whose
+backward keeps only log P (softmax) or the logits (sigmoid). Measured with
+``benchmarks/etta_cost.py`` (README, "ETTA results measured here").
 
 The returned tensor is what the bundles' unchanged post-processing expects from a network: for
 ``activation="softmax"`` it is ``log(P)`` (``softmax(log P) == P``, ``argmax`` unchanged), for
@@ -35,6 +44,7 @@ import contextlib
 import logging
 import math
 import time
+import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -54,9 +64,11 @@ __all__ = [
     "EntropyTTAInferer",
     "ETTAStatsHandler",
     "entropy_weights",
+    "fused_window_attention",
     "norm_affine_parameters",
     "sigmoid_entropy",
     "softmax_entropy",
+    "weighted_entropy_sum",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,6 +96,47 @@ def sigmoid_entropy(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     z = logits.float()
     p = torch.sigmoid(z)
     return (p * F.softplus(-z) + (1.0 - p) * F.softplus(z)).sum(dim=dim, keepdim=True)
+
+
+class _WeightedEntropySum(torch.autograd.Function):
+    """``sum(H(logits) * weight)`` whose backward keeps one ``C x window`` tensor (log P or the logits).
+
+    Softmax: ``dH/dz_j = -p_j (log p_j + H)``, from the saved ``log p`` and ``H``; sigmoid (summed binary
+    entropies): ``dH/dz = -z p (1 - p)``, from the saved logits. The plain autograd graph of
+    :func:`softmax_entropy` keeps ``log p``, ``p`` and their product instead.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, weight: torch.Tensor, activation: str) -> torch.Tensor:
+        ctx.activation = activation
+        if activation == "softmax":
+            log_p = torch.log_softmax(logits, dim=1)
+            h = log_p.exp().mul_(log_p).sum(dim=1, keepdim=True).neg_()
+            ctx.save_for_backward(log_p, h, weight)
+        else:
+            h = sigmoid_entropy(logits)
+            ctx.save_for_backward(logits, weight)
+        return (h * weight).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.activation == "softmax":
+            log_p, h, weight = ctx.saved_tensors
+            grad = (log_p + h).mul_(log_p.exp())  # -dH/dz
+        else:
+            z, weight = ctx.saved_tensors
+            grad = torch.sigmoid(z)
+            grad.mul_(1.0 - grad).mul_(z)  # -dH/dz
+        return grad.mul_(weight * -grad_out), None, None
+
+
+def weighted_entropy_sum(logits: torch.Tensor, weight: torch.Tensor, activation: str = "softmax") -> torch.Tensor:
+    """``(H * weight).sum()`` with H the per-voxel :func:`softmax_entropy` or :func:`sigmoid_entropy` of ``logits``
+    (float32) and ``weight`` broadcastable to ``(B, 1, *spatial)``; same value and gradient as the
+    composed functions, with a backward that keeps only log P (softmax) or the logits (sigmoid)."""
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}.")
+    return _WeightedEntropySum.apply(logits.float(), weight.to(torch.float32), activation)
 
 
 def _prob_entropy_mean(prob: torch.Tensor, activation: str, chunk: int = 8) -> float:
@@ -126,6 +179,97 @@ def norm_affine_parameters(network: nn.Module) -> list[nn.Parameter]:
                 seen.add(id(p))
                 params.append(p)
     return params
+
+
+# --------------------------------------------------------------------- memory-saving attention
+_FINGERPRINT: dict[tuple, torch.Tensor] = {}
+
+
+def _mask_groups(mask: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """Windows with the same shifted-window mask: (a representative window per group, group id of each window).
+
+    Groups by a fingerprint, ``mask @ R`` for a fixed random ``R`` (n x 2), which tells different masks apart
+    (0 / -100 masks give different sums of random numbers) at the cost of one matrix-vector pass.
+    """
+    nw, n = mask.shape[0], mask.shape[-1]
+    key = (n, mask.device, mask.dtype)
+    if key not in _FINGERPRINT:
+        gen = torch.Generator().manual_seed(20240613)
+        _FINGERPRINT[key] = torch.randn(n, 2, generator=gen, dtype=torch.float64).to(device=mask.device, dtype=mask.dtype)
+    fp = (mask @ _FINGERPRINT[key]).reshape(nw, -1)
+    _, inverse = torch.unique(fp, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), nw, dtype=torch.long, device=mask.device)
+    first.scatter_reduce_(0, inverse, torch.arange(nw, device=mask.device), reduce="amin")
+    return first.tolist(), inverse
+
+
+def _sdpa_window_attention_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MONAI ``WindowAttention.forward`` through ``scaled_dot_product_attention``, with or without gradients.
+
+    Same result as MONAI's default path up to float rounding. Its backward keeps no
+    ``windows x heads x n x n`` attention matrix (the fused kernel keeps q, k, v, the output and one
+    log-sum-exp per query), and shifted-window masks are applied per group of windows that share one
+    (at most 2^3 groups in 3D), so no per-window ``heads x n x n`` bias is kept either.
+    """
+    b, n, c = x.shape
+    heads = self.num_heads
+    q, k, v = self.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    index = self.relative_position_index[:n, :n].reshape(-1)
+    bias = self.relative_position_bias_table[index].reshape(n, n, heads).permute(2, 0, 1).unsqueeze(0).to(q.dtype)
+    drop = self.attn_drop.p if self.training else 0.0
+
+    def attend(qg, kg, vg, m):
+        return F.scaled_dot_product_attention(qg, kg, vg, attn_mask=m, dropout_p=drop, scale=self.scale)
+
+    if mask is None:
+        out = attend(q, k, v, bias)
+    else:
+        nw = mask.shape[0]
+        first, inverse = _mask_groups(mask)
+        if len(first) == 1:
+            out = attend(q, k, v, bias + mask[first[0]].to(q.dtype))
+        else:
+            inverse = inverse.repeat(b // nw)  # windows are batch-major: (b // nw, nw)
+            order = torch.argsort(inverse, stable=True)
+            counts = torch.bincount(inverse, minlength=len(first)).tolist()
+            parts = [
+                attend(qg, kg, vg, bias + mask[r].to(q.dtype))
+                for qg, kg, vg, r in zip(q[order].split(counts), k[order].split(counts), v[order].split(counts), first)
+            ]
+            out = torch.cat(parts)[torch.argsort(order)]
+    out = out.transpose(1, 2).reshape(b, n, c)
+    return self.proj_drop(self.proj(out))
+
+
+def _is_monai_window_attention(module: nn.Module) -> bool:
+    try:
+        from monai.networks.nets.swin_unetr import WindowAttention
+    except ImportError:  # pragma: no cover
+        return False
+    # only MONAI's own forward (a subclass that overrides it keeps its forward)
+    return isinstance(module, WindowAttention) and type(module).forward is WindowAttention.forward
+
+
+@contextlib.contextmanager
+def fused_window_attention(network: nn.Module, enabled: bool = True):
+    """Within the block, every MONAI Swin ``WindowAttention`` of ``network`` runs through
+    ``torch.nn.functional.scaled_dot_product_attention``, with gradients too; yields how many modules.
+
+    MONAI's own ``use_flash_attention`` switch acts only while autograd is off, so it cannot lower the
+    memory of ETTA's backward pass; this one does (see :func:`_sdpa_window_attention_forward`). The
+    modules' ``forward`` is put back on exit, also on an exception.
+    """
+    patched = []
+    if enabled:
+        for module in network.modules():
+            if _is_monai_window_attention(module) and "forward" not in vars(module):
+                module.forward = types.MethodType(_sdpa_window_attention_forward, module)
+                patched.append(module)
+    try:
+        yield len(patched)
+    finally:
+        for module in patched:
+            del module.forward
 
 
 # ------------------------------------------------------------------------------- window plan
@@ -193,6 +337,9 @@ class EntropyTTAInferer(Inferer):
         adapt_fraction: fraction of the windows (evenly spread) that are back-propagated; the others
             only contribute their forward prediction. 1.0 adapts on all windows.
         amp: autocast (float16) with a gradient scaler; default ``None`` = on when the windows run on CUDA.
+        fused_attention: run MONAI Swin window attention through ``scaled_dot_product_attention`` during
+            ETTA's passes (:func:`fused_window_attention`; same output up to float rounding, no attention
+            matrices kept for the backward pass); the network's own forward is back after every volume.
     """
 
     def __init__(
@@ -216,6 +363,7 @@ class EntropyTTAInferer(Inferer):
         online: bool = False,
         adapt_fraction: float = 1.0,
         amp: bool | None = None,
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         if steps < 0:
@@ -233,6 +381,7 @@ class EntropyTTAInferer(Inferer):
         self.sw_device, self.device, self.progress = sw_device, device, progress
         self.steps, self.lr, self.momentum, self.optimizer = int(steps), lr, momentum, optimizer
         self.tau, self.activation, self.online, self.adapt_fraction, self.amp = tau, activation, online, adapt_fraction, amp
+        self.fused_attention = bool(fused_attention)
         self.records: list[dict[str, Any]] = []  # one per volume since the last pop_records()
         self._online: tuple[nn.Module, list[nn.Parameter], torch.optim.Optimizer, list[torch.Tensor], Any] | None = None
 
@@ -307,7 +456,9 @@ class EntropyTTAInferer(Inferer):
         grads = [p.grad for p in params]
         entropies: list[float] = []
         combined, score_max, norm = None, -math.inf, 0.0
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(fused_window_attention(network, self.fused_attention))
+            stack.callback(_restore, network, params, source, grads, flags, modes)
             network.eval()
             for p, _ in flags:
                 p.requires_grad_(False)
@@ -324,8 +475,9 @@ class EntropyTTAInferer(Inferer):
                 # running softmax(-H / tau) combination: only two output-sized buffers at any time
                 score = -h / self.tau
                 new_max = max(score_max, score)
-                if combined is None:
-                    combined, norm = prob, 1.0
+                if combined is None:  # compact: the padded pass buffer (input smaller than a window) is freed
+                    combined, norm = prob.contiguous(), 1.0
+                    del prob
                 else:
                     scale = math.exp(score_max - new_max)
                     combined.mul_(scale).add_(prob, alpha=math.exp(score - new_max))
@@ -338,24 +490,12 @@ class EntropyTTAInferer(Inferer):
                         scaler.update()
                     else:
                         opt.step()
-        finally:
-            with torch.no_grad():
-                if source is not None:
-                    for p, v in zip(params, source):
-                        p.copy_(v)
-                for p, g in zip(params, grads):
-                    p.grad = g
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            for m, mode in modes:
-                m.training = mode
         combined.div_(norm)
         h_final = _prob_entropy_mean(combined, self.activation)
         if self.activation == "softmax":
             out = combined.clamp_(min=_EPS).log_()
         else:
             out = combined.clamp_(_EPS, 1.0 - _EPS).logit_()
-        out = out.contiguous()  # a view into a padded buffer when the input is smaller than the window
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.records.append(
@@ -375,7 +515,6 @@ class EntropyTTAInferer(Inferer):
     def _pass(self, network, plan: _WindowPlan, adapt: set[int], mass: float, scaler, sw_device, device, use_amp, *args, **kwargs) -> torch.Tensor:
         """One sliding-window pass: back-propagate the windows in ``adapt`` one batch at a time and
         return the stitched probability map ``(1, C_out, *spatial)`` (cropped view of a buffer on ``device``)."""
-        entropy_fn = softmax_entropy if self.activation == "softmax" else sigmoid_entropy
         out = None
         n_win = len(plan.slices)
         batches, current = [], []
@@ -405,7 +544,7 @@ class EntropyTTAInferer(Inferer):
             if grad:
                 with torch.enable_grad():
                     lw = torch.cat([plan.weight[(slice(None), slice(None), *plan.slices[i])] for i in idx]).to(sw_device)
-                    loss = (entropy_fn(logits) * plan.importance * lw).sum() / mass
+                    loss = weighted_entropy_sum(logits, plan.importance * lw, self.activation) / mass
                     (scaler.scale(loss) if scaler is not None else loss).backward()
             with torch.no_grad():
                 if out is None:
@@ -423,6 +562,20 @@ class EntropyTTAInferer(Inferer):
             else:
                 prob.sigmoid_()
         return prob
+
+
+def _restore(network: nn.Module, params, source, grads, flags, modes) -> None:
+    """Put back what :meth:`EntropyTTAInferer._one_volume` changed: parameters (episodic), grads, flags, modes."""
+    with torch.no_grad():
+        if source is not None:
+            for p, v in zip(params, source):
+                p.copy_(v)
+        for p, g in zip(params, grads):
+            p.grad = g
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    for m, mode in modes:
+        m.training = mode
 
 
 def _names(inputs: torch.Tensor) -> list[str | None]:

@@ -22,9 +22,11 @@ from custom.etta import (
     EntropyTTAInferer,
     ETTAStatsHandler,
     entropy_weights,
+    fused_window_attention,
     norm_affine_parameters,
     sigmoid_entropy,
     softmax_entropy,
+    weighted_entropy_sum,
 )
 from custom.labels import BTCV_CT_WINDOW, BTCV_NUM_CLASSES
 
@@ -45,11 +47,17 @@ def conv_net(in_ch: int = 1, out_ch: int = 3, hidden: int = 8, seed: int = 0) ->
     ).eval()
 
 
-def tiny_swin(out_ch: int, seed: int = 0) -> nn.Module:
+def tiny_swin(out_ch: int, seed: int = 0, depths: tuple[int, ...] = (1, 1, 1, 1)) -> nn.Module:
     from monai.networks.nets import SwinUNETR
 
     torch.manual_seed(seed)
-    return SwinUNETR(in_channels=1, out_channels=out_ch, feature_size=12, depths=(1, 1, 1, 1), spatial_dims=3).eval()
+    return SwinUNETR(in_channels=1, out_channels=out_ch, feature_size=12, depths=depths, spatial_dims=3).eval()
+
+
+def window_attentions(net: nn.Module) -> list[nn.Module]:
+    from monai.networks.nets.swin_unetr import WindowAttention
+
+    return [m for m in net.modules() if isinstance(m, WindowAttention)]
 
 
 def shift(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -119,6 +127,22 @@ def test_network_without_affine_norm_is_refused():
         EntropyTTAInferer(roi_size=16, activation="relu")
 
 
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_fused_entropy_loss_equals_composed_functions(activation):
+    """weighted_entropy_sum: same value and gradient as (entropy(logits) * weight).sum() by autograd."""
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(2, 5, 6, 5, 4, generator=g)).requires_grad_(True)
+    weight = torch.rand(2, 1, 6, 5, 4, generator=g)
+    entropy = softmax_entropy if activation == "softmax" else sigmoid_entropy
+    ref = (entropy(logits) * weight).sum()
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    ours = weighted_entropy_sum(logits, weight, activation)
+    (grad,) = torch.autograd.grad(ours, logits)
+    assert float(ours) == pytest.approx(float(ref), rel=1e-6)
+    assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert float(ref_grad.abs().max()) > 1e-2
+
+
 # --------------------------------------------------------------------------- tiny Swin-UNETR
 @pytest.fixture(scope="module")
 def swin_run(ct_crop):
@@ -156,6 +180,97 @@ def test_swin_output_is_log_probability_of_the_input_grid(swin_run):
     out, x = swin_run["out"], swin_run["x"]
     assert out.shape == (1, 4, *x.shape[2:])
     assert torch.allclose(out.exp().sum(1), torch.ones(1, *x.shape[2:]), atol=1e-4)  # softmax(log P) == P
+
+
+# ---------------------------------------------------------------- memory-saving window attention
+@pytest.fixture(scope="module")
+def swin_shifted():
+    """A tiny Swin-UNETR with two blocks in its first stage, so a shifted-window mask is used."""
+    return tiny_swin(out_ch=4, seed=3, depths=(2, 1, 1, 1))
+
+
+def test_fused_attention_same_output_and_gradient(swin_shifted, ct_crop):
+    swin, x = swin_shifted, shift(ct_crop[0])[..., :64]
+    params = norm_affine_parameters(swin)
+
+    def run():
+        for p in swin.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.no_grad():
+            out = swin(x)
+        softmax_entropy(swin(x)).mean().backward()
+        grads = [p.grad.clone() for p in params]
+        for p in swin.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        return out, grads
+
+    ref_out, ref_grads = run()
+    with fused_window_attention(swin) as n:
+        assert n == len(window_attentions(swin)) == 5
+        assert all("forward" in vars(m) for m in window_attentions(swin))
+        out, grads = run()
+    assert all("forward" not in vars(m) for m in window_attentions(swin))  # MONAI's forward is back
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    scale = max(float(g.abs().max()) for g in ref_grads)
+    assert scale > 1e-6
+    assert all(torch.allclose(g, r, atol=1e-4 * scale) for g, r in zip(grads, ref_grads))
+
+
+def test_fused_attention_restored_after_a_volume_and_after_an_error(swin_shifted, ct_crop):
+    swin, x = swin_shifted, ct_crop[0][..., :64]
+    seen = []
+    hook = window_attentions(swin)[1].register_forward_hook(lambda m, a, o: seen.append("forward" in vars(m)))
+    try:
+        with torch.no_grad():
+            EntropyTTAInferer(ROI, steps=1)(x, swin)
+        assert seen and all(seen)  # every ETTA pass ran the fused attention ...
+        assert all("forward" not in vars(m) for m in window_attentions(swin))  # ... and the switch is undone
+        seen.clear()
+        with torch.no_grad():
+            EntropyTTAInferer(ROI, steps=1, fused_attention=False)(x, swin)
+        assert seen and not any(seen)
+
+        def failing_optimizer(params):
+            raise RuntimeError("optimizer failed")
+
+        flags = {n: p.requires_grad for n, p in swin.named_parameters()}
+        with pytest.raises(RuntimeError, match="optimizer failed"):
+            EntropyTTAInferer(ROI, steps=1, optimizer=failing_optimizer)(x, swin)
+        assert all("forward" not in vars(m) for m in window_attentions(swin))
+        assert {n: p.requires_grad for n, p in swin.named_parameters()} == flags
+    finally:
+        hook.remove()
+
+
+def test_fused_attention_etta_output_equals_default_attention(swin_shifted, ct_crop):
+    swin, x = swin_shifted, shift(ct_crop[0])[..., 16:80]  # one window
+    # SGD (a step linear in the gradient); a large lr because a random-init Swin-UNETR damps its LayerNorms
+    kw = dict(roi_size=ROI, steps=1, lr=1e3, momentum=0.0)
+    fused, default = EntropyTTAInferer(**kw), EntropyTTAInferer(**kw, fused_attention=False)
+    with torch.no_grad():
+        p_fused, p_default = fused(x, swin).exp(), default(x, swin).exp()
+        p_source = EntropyTTAInferer(**{**kw, "steps": 0})(x, swin).exp()
+    h_fused, h_default = fused.pop_records()[0]["entropy"], default.pop_records()[0]["entropy"]
+    assert h_default[1] < h_default[0]
+    assert float((p_default - p_source).abs().max()) > 1e-3  # the adaptation changed the prediction ...
+    assert np.allclose(h_fused, h_default, rtol=1e-6, atol=0), (h_fused, h_default)
+    assert torch.allclose(p_fused, p_default, atol=2e-5)  # ... the same way with either attention
+
+
+def test_fused_attention_lowers_etta_peak_memory(swin_shifted):
+    """The backward keeps no windows x heads x n x n attention matrices: a much lower peak for one window."""
+    x = torch.rand(1, 1, *ROI)
+    peaks = {}
+    for fused in (False, True):
+        etta = EntropyTTAInferer(ROI, steps=1, fused_attention=fused)
+        with torch.no_grad():
+            peaks[fused] = _peak_cpu_bytes(lambda: etta(x, swin_shifted))
+    assert peaks[True] < 0.7 * peaks[False], peaks
+    print(f"ETTA peak with fused / default attention: {peaks[True] / 2**20:.0f} / {peaks[False] / 2**20:.0f} MB")
 
 
 # ------------------------------------------------------------------------ exactness and pathways
