@@ -299,6 +299,15 @@ class _WindowPlan:
                 raise ValueError(f"overlap must be >= 0 and < 1, got {overlap}.")
             interval.append(self.roi[d] if self.roi[d] == self.image_size[d] else max(int(self.roi[d] * (1 - o)), 1))
         self.slices = dense_patch_slices(self.image_size, self.roi, interval)
+        # each window's part inside the input grid: (where it goes in the output, where it lies in the window)
+        self.spatial = tuple(spatial)
+        self.parts = []
+        for s in self.slices:
+            lo = [max(s[d].start, self.crop[d].start) for d in range(nd)]
+            hi = [min(s[d].stop, self.crop[d].stop) for d in range(nd)]
+            dst = tuple(slice(lo[d] - self.crop[d].start, hi[d] - self.crop[d].start) for d in range(nd))
+            src = tuple(slice(lo[d] - s[d].start, hi[d] - s[d].start) for d in range(nd))
+            self.parts.append((dst, src))
         self.importance = compute_importance_map(self.roi, mode=mode, sigma_scale=sigma_scale, device=sw_device, dtype=torch.float32)[None, None]
         imp = self.importance.to(device)
         count = torch.zeros((1, 1, *self.image_size), dtype=torch.float32, device=device)
@@ -475,9 +484,8 @@ class EntropyTTAInferer(Inferer):
                 # running softmax(-H / tau) combination: only two output-sized buffers at any time
                 score = -h / self.tau
                 new_max = max(score_max, score)
-                if combined is None:  # compact: the padded pass buffer (input smaller than a window) is freed
-                    combined, norm = prob.contiguous(), 1.0
-                    del prob
+                if combined is None:
+                    combined, norm = prob, 1.0
                 else:
                     scale = math.exp(score_max - new_max)
                     combined.mul_(scale).add_(prob, alpha=math.exp(score - new_max))
@@ -514,7 +522,8 @@ class EntropyTTAInferer(Inferer):
 
     def _pass(self, network, plan: _WindowPlan, adapt: set[int], mass: float, scaler, sw_device, device, use_amp, *args, **kwargs) -> torch.Tensor:
         """One sliding-window pass: back-propagate the windows in ``adapt`` one batch at a time and
-        return the stitched probability map ``(1, C_out, *spatial)`` (cropped view of a buffer on ``device``)."""
+        return the stitched probability map ``(1, C_out, *spatial)`` on ``device`` (input-sized: the parts of
+        windows that lie in the padding of an input smaller than a window are never stored)."""
         out = None
         n_win = len(plan.slices)
         batches, current = [], []
@@ -541,27 +550,35 @@ class EntropyTTAInferer(Inferer):
                 logits = logits.as_tensor()
             if tuple(logits.shape[2:]) != plan.roi:
                 raise ValueError(f"network output spatial shape {tuple(logits.shape[2:])} != window {plan.roi}.")
+            loss = None
             if grad:
                 with torch.enable_grad():
                     lw = torch.cat([plan.weight[(slice(None), slice(None), *plan.slices[i])] for i in idx]).to(sw_device)
                     loss = weighted_entropy_sum(logits, plan.importance * lw, self.activation) / mass
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-            with torch.no_grad():
+            with torch.no_grad():  # stitch before the backward pass, so the logits are freed before it
                 if out is None:
-                    out = torch.zeros((1, logits.shape[1], *plan.image_size), dtype=torch.float32, device=device)
-                weighted = (logits.detach().float() * plan.importance).to(device)
+                    out = torch.zeros((1, logits.shape[1], *plan.spatial), dtype=torch.float32, device=device)
+                same_device = logits.device == out.device
+                weighted = logits.detach().float() if same_device else (logits.detach().float() * plan.importance).to(device)
                 for j, i in enumerate(idx):
-                    out[(slice(None), slice(None), *plan.slices[i])] += weighted[j : j + 1]
-            del logits, weighted
+                    dst, src = plan.parts[i]
+                    part = weighted[(slice(j, j + 1), slice(None), *src)]
+                    if same_device:  # in place, no window-sized temporary
+                        out[(slice(None), slice(None), *dst)].addcmul_(part, plan.importance[(slice(None), slice(None), *src)])
+                    else:
+                        out[(slice(None), slice(None), *dst)] += part
+            del logits, weighted, part
+            if loss is not None:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                del loss
         with torch.no_grad():
-            out.mul_(plan.weight)
-            prob = out[(slice(None), slice(None), *plan.crop)]
+            out.mul_(plan.weight[(slice(None), slice(None), *plan.crop)])
             if self.activation == "softmax":
-                prob.sub_(prob.amax(dim=1, keepdim=True)).exp_()
-                prob.div_(prob.sum(dim=1, keepdim=True))
+                out.sub_(out.amax(dim=1, keepdim=True)).exp_()
+                out.div_(out.sum(dim=1, keepdim=True))
             else:
-                prob.sigmoid_()
-        return prob
+                out.sigmoid_()
+        return out
 
 
 def _restore(network: nn.Module, params, source, grads, flags, modes) -> None:
