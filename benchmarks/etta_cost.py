@@ -7,15 +7,26 @@ for K = 1 and 3, in the same process:
 
 - ``plain``: MONAI ``SlidingWindowInferer`` (no gradients);
 - ``floor``: what ETTA cannot avoid, (K + 1) sliding-window forward passes plus K window-wise
-  backward passes: K bare loops of (forward with gradients + backward) over the same windows, plus
-  one plain pass;
+  backward passes: K bare loops of (forward with gradients + backward of the mean logit) over the
+  same windows (same roi, overlap, sw_batch_size), plus one plain pass;
 - ``etta``: ``EntropyTTAInferer`` with the same windows.
 
+All three arms run the network with the same attention implementation: ETTA's default
+``fused_attention=True`` runs MONAI's Swin window attention through ``scaled_dot_product_attention``
+(``custom.etta.fused_window_attention``), so ``plain`` and ``floor`` run inside that same context too
+(``--no_fused_attention``: all three with MONAI's default attention). ``plain_default_peak_mb`` is plain
+inference with the network as the bundles run it (MONAI's default attention), for reference.
+The arms are repeated interleaved (plain, floor, etta, plain, floor, etta, ...) and each time is the
+minimum over ``--repeats``, so a load change does not bias one arm; ``times_s`` lists every wall-clock
+time, and ``cpu_time_etta_over_floor`` is the same ratio in this process's CPU time (less sensitive
+to other processes on a shared machine than wall-clock time; the goal is stated in wall-clock time).
+
 Goals (issue 5): etta time <= 1.1 x floor, etta peak memory <= 1.5 x plain. Peak memory is torch's
-own allocator accounting (CUDA: ``max_memory_allocated``; CPU: the profiler's allocation events).
+own allocator accounting (CUDA: ``max_memory_allocated``; CPU: the profiler's allocation events),
+measured in separate runs from the times (the profiler slows the run down).
 Prints one JSON line per K.
 
-    python benchmarks/etta_cost.py [--model PATH] [--case ct_abdomen_crop] [--steps 1,3]
+    OMP_NUM_THREADS=1 python benchmarks/etta_cost.py [--model PATH] [--case ct_abdomen_crop] [--steps 1,3] [--repeats 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom.etta import EntropyTTAInferer, norm_affine_parameters  # noqa: E402
+from custom.etta import EntropyTTAInferer, fused_window_attention, norm_affine_parameters  # noqa: E402
 from custom.labels import BTCV_CT_WINDOW, BTCV_NUM_CLASSES  # noqa: E402
 from custom.sample_data import data_root, prepare  # noqa: E402
 
@@ -165,14 +176,15 @@ def peak_memory(fn, device: torch.device) -> tuple[float, float]:
     return elapsed, float(peak)
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall-clock seconds, this process's CPU seconds) of ``fn()``."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def window_backward_pass(net: torch.nn.Module, x: torch.Tensor, inferer: EntropyTTAInferer) -> None:
@@ -208,8 +220,13 @@ def main() -> None:
     ap.add_argument("--train_iters", type=int, default=40)
     ap.add_argument("--roi", default=None, help="window, e.g. 64,64,64 (default: the checkpoint's, else 96^3)")
     ap.add_argument("--pixdim", default=None, help="grid in mm, e.g. 1.5,1.5,2 (default: the checkpoint's, else 1.5,1.5,2)")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the timed arms (the minimum is kept)")
+    ap.add_argument("--no_fused_attention", action="store_true", help="all arms with MONAI's default window attention")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args()
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     net, info = load_model(args.model, args.train_iters)
@@ -219,22 +236,47 @@ def main() -> None:
     root = prepare("btcv_sample")
     x = preprocess(root / "images" / f"{args.case}.nii.gz", tuple(info["pixdim"]))["image"][None].as_tensor().to(device)
     roi = tuple(info["roi"])
+    fused = not args.no_fused_attention
     sw_kw = dict(roi_size=roi, sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode="gaussian")
     from monai.inferers import SlidingWindowInferer
 
     plain = SlidingWindowInferer(**sw_kw)
+
+    def run_plain() -> None:
+        with torch.no_grad(), fused_window_attention(net, fused):
+            plain(x, net)
+
     with torch.no_grad():
         plain(x, net)  # warm-up (allocator, kernels)
-        t_plain = min(timed(lambda: plain(x, net), device) for _ in range(2))
-        _, m_plain = peak_memory(lambda: plain(x, net), device)
+        _, m_plain_default = peak_memory(lambda: plain(x, net), device)
+    run_plain()
+    _, m_plain = peak_memory(run_plain, device)
     for k in [int(s) for s in args.steps.split(",")]:
-        etta = EntropyTTAInferer(steps=k, **sw_kw)
-        t_bwd = timed(lambda: [window_backward_pass(net, x, etta) for _ in range(k)], device)
-        t_floor = t_bwd + t_plain
-        with torch.no_grad():
-            t_etta = timed(lambda: etta(x, net), device)
-            _, m_etta = peak_memory(lambda: etta(x, net), device)
-        rec = etta.pop_records()[0]
+        etta = EntropyTTAInferer(steps=k, fused_attention=fused, **sw_kw)
+
+        def run_floor_backward() -> None:
+            with fused_window_attention(net, fused):
+                for _ in range(k):
+                    window_backward_pass(net, x, etta)
+
+        def run_etta() -> None:
+            with torch.no_grad():
+                etta(x, net)
+
+        load = [os.getloadavg()[0]]
+        times: dict[str, list[float]] = {"plain": [], "backward": [], "etta": []}
+        cpu: dict[str, list[float]] = {"plain": [], "backward": [], "etta": []}
+        for _ in range(args.repeats):  # interleaved
+            for arm, fn in (("plain", run_plain), ("backward", run_floor_backward), ("etta", run_etta)):
+                wall, cpu_s = timed(fn, device)
+                times[arm].append(wall)
+                cpu[arm].append(cpu_s)
+            load.append(os.getloadavg()[0])
+        _, m_etta = peak_memory(run_etta, device)
+        t_plain, t_etta = min(times["plain"]), min(times["etta"])
+        t_floor = min(times["backward"]) + t_plain
+        c_floor = min(cpu["backward"]) + min(cpu["plain"])
+        rec = etta.pop_records()[-1]
         print(
             json.dumps(
                 {
@@ -246,19 +288,26 @@ def main() -> None:
                     "shape": list(x.shape[2:]),
                     "roi": list(roi),
                     "overlap": args.overlap,
+                    "sw_batch_size": args.sw_batch_size,
                     "windows": rec["windows"],
                     "steps": k,
+                    "fused_attention": fused,
+                    "repeats": args.repeats,
                     "plain_s": round(t_plain, 2),
                     "floor_s": round(t_floor, 2),
                     "etta_s": round(t_etta, 2),
                     "time_etta_over_floor": round(t_etta / t_floor, 3),
                     "time_etta_over_plain": round(t_etta / t_plain, 3),
+                    "cpu_time_etta_over_floor": round(min(cpu["etta"]) / c_floor, 3),
                     "plain_peak_mb": round(m_plain / 2**20, 1),
                     "etta_peak_mb": round(m_etta / 2**20, 1),
                     "mem_etta_over_plain": round(m_etta / m_plain, 3),
+                    "plain_default_peak_mb": round(m_plain_default / 2**20, 1),
+                    "mem_etta_over_plain_default": round(m_etta / m_plain_default, 3),
+                    "times_s": {a: [round(t, 2) for t in v] for a, v in times.items()},
                     "entropy": [round(h, 5) for h in rec["entropy"]],
                     "threads": torch.get_num_threads(),
-                    "load_avg_1min": round(os.getloadavg()[0], 2),
+                    "load_avg_1min": [round(v, 2) for v in load],
                 }
             ),
             flush=True,
