@@ -182,21 +182,18 @@ def norm_affine_parameters(network: nn.Module) -> list[nn.Parameter]:
 
 
 # --------------------------------------------------------------------- memory-saving attention
-_FINGERPRINT: dict[tuple, torch.Tensor] = {}
-
-
 def _mask_groups(mask: torch.Tensor) -> tuple[list[int], torch.Tensor]:
     """Windows with the same shifted-window mask: (a representative window per group, group id of each window).
 
     Groups by a fingerprint, ``mask @ R`` for a fixed random ``R`` (n x 2), which tells different masks apart
-    (0 / -100 masks give different sums of random numbers) at the cost of one matrix-vector pass.
+    (0 / -100 masks give different sums of random numbers) at the cost of one matrix-vector pass. It is
+    taken in float32 with autocast off, so float16 rounding cannot merge two masks; were identical
+    masks ever split into two groups, the result would still be exact.
     """
     nw, n = mask.shape[0], mask.shape[-1]
-    key = (n, mask.device, mask.dtype)
-    if key not in _FINGERPRINT:
-        gen = torch.Generator().manual_seed(20240613)
-        _FINGERPRINT[key] = torch.randn(n, 2, generator=gen, dtype=torch.float64).to(device=mask.device, dtype=mask.dtype)
-    fp = (mask @ _FINGERPRINT[key]).reshape(nw, -1)
+    proj = torch.randn(n, 2, generator=torch.Generator().manual_seed(20240613)).to(mask.device)
+    with torch.autocast(mask.device.type, enabled=False):
+        fp = (mask.float() @ proj).reshape(nw, -1)
     _, inverse = torch.unique(fp, dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), nw, dtype=torch.long, device=mask.device)
     first.scatter_reduce_(0, inverse, torch.arange(nw, device=mask.device), reduce="amin")
