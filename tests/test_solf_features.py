@@ -110,7 +110,7 @@ def test_surface_areas_in_one_pass_equal_skimage_marching_cubes_on_real_organs(u
     import nibabel as nib
     from skimage.measure import marching_cubes, mesh_surface_area
 
-    from custom.solf.features import surface_area_mm2, surface_areas_mm2
+    from custom.solf.features import surface_areas_mm2
 
     labels = np.asarray(nib.load(str(ukbob_sample / "labels" / "ct_abdomen.nii.gz")).dataobj)
     spacing = (0.8, 1.5, 2.5)
@@ -122,8 +122,8 @@ def test_surface_areas_in_one_pass_equal_skimage_marching_cubes_on_real_organs(u
         box = tuple(slice(max(int(ix.min()) - 1, 0), int(ix.max()) + 2) for ix in np.nonzero(mask))
         verts, faces, _, _ = marching_cubes(np.pad(mask[box], 1).astype(np.float32), 0.5, spacing=spacing)
         assert areas[organ] == pytest.approx(mesh_surface_area(verts, faces), rel=1e-9), organ
-    liver = UKBOB_ID["liver"]
-    assert surface_area_mm2(labels == liver, spacing) == pytest.approx(areas[liver], rel=1e-12)
+    liver = UKBOB_ID["liver"]  # one mask alone measures what it measures among its neighbours
+    assert surface_areas_mm2(labels == liver, spacing)[1] == pytest.approx(areas[liver], rel=1e-12)
 
 
 @pytest.mark.parametrize("order", ["C", "F"])

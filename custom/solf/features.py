@@ -333,12 +333,6 @@ def _mixed_cube_patterns(flat: np.ndarray, start: int, stop: int, offsets: list[
     return counts
 
 
-def surface_area_mm2(mask: np.ndarray, spacing: Sequence[float]) -> float:
-    """Marching-cubes surface area (mm^2) of one binary mask (see :func:`surface_areas_mm2`)."""
-    areas = surface_areas_mm2(np.asarray(mask, dtype=np.uint8), spacing)
-    return float(areas[1]) if len(areas) > 1 else 0.0
-
-
 @dataclass(frozen=True)
 class OrganFeatures:
     """Stage-A record of one organ mask (after cleaning). Lengths in mm, volumes in mL."""
@@ -428,8 +422,7 @@ def volume_features(
     if clean and not keep[1:].all():
         labels = _remove(labels, comps, keep)
     kept = np.flatnonzero(keep)
-    voxel_ml = abs(np.linalg.det(voxel_matrix(affine))) / 1000.0
-    body_ml = float(comps.voxels[kept].sum()) * voxel_ml if image is None else body_volume_ml(labels, affine, image)
+    body_ml = body_volume_ml(labels, affine, image)
     areas = surface_areas_mm2(labels, voxel_spacing(affine))
     rows = []
     for organ in sorted(counts):
