@@ -17,10 +17,11 @@ import pytest
 import torch
 from bundle_helpers import bundle_workflow
 
+from custom.export_bundle import DEFAULT_SCHEMA as SCHEMA
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "swin_bob_brats"
 CONFIGS = BUNDLE / "configs"
-SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 #: tiny settings: feature_size 12, 64^3 windows, 6 mm voxels (the sample fits in one window)
 TINY = {"network_def#feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [6.0, 6.0, 6.0], "sw_batch_size": 1}
 

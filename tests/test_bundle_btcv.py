@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from custom.export_bundle import DEFAULT_SCHEMA as SCHEMA
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "swin_bob_btcv"
 CONFIGS = BUNDLE / "configs"
-SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 LOGGING = str(CONFIGS / "logging.conf")
 TINY = {
     "feature_size": 12,

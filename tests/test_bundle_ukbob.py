@@ -19,10 +19,11 @@ import pytest
 import torch
 from bundle_helpers import bundle_workflow
 
+from custom.export_bundle import DEFAULT_SCHEMA as SCHEMA
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "swin_bob_ukbob"
 CONFIGS = BUNDLE / "configs"
-SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 #: tiny settings: feature_size 12, 64^3 crops and windows (SwinUNETR needs 64 to train), 4 mm voxels
 TINY = {"network_def#feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [4.0, 4.0, 4.0], "sw_batch_size": 1}
 

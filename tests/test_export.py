@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from custom.export_bundle import MAX_FILE_BYTES, export_bundle, main
+from custom.export_bundle import DEFAULT_SCHEMA as SCHEMA, MAX_FILE_BYTES, export_bundle, main
 from custom.io import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 BTCV = REPO / "bundles" / "swin_bob_btcv"
-SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 QUICK = {"feature_size": 12}  # verify_net_in_out on a small network; the layout checked is the same
 
 
