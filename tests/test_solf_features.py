@@ -126,20 +126,73 @@ def test_surface_areas_in_one_pass_equal_skimage_marching_cubes_on_real_organs(u
     assert surface_areas_mm2(labels == liver, spacing)[1] == pytest.approx(areas[liver], rel=1e-12)
 
 
+def test_surface_areas_of_wide_ids_equal_those_of_narrow_ids() -> None:
+    """ids 1 and 257 (a uint16 map whose ids differ by a multiple of 256) measure as 1 and 2 do."""
+    from custom.solf.features import surface_areas_mm2
+
+    narrow = np.zeros((12, 10, 9), np.uint16)
+    narrow[2:6, 2:8, 2:7], narrow[6:10, 3:8, 2:7] = 1, 2  # two touching boxes
+    wide = np.where(narrow == 2, 257, narrow).astype(np.uint16)
+    spacing = (1.0, 1.5, 2.0)
+    a, b = surface_areas_mm2(narrow, spacing), surface_areas_mm2(wide, spacing)
+    assert len(b) == 258 and a[1] > 0 and a[2] > 0
+    assert b[1] == pytest.approx(a[1], rel=1e-12) and b[257] == pytest.approx(a[2], rel=1e-12)
+
+
 @pytest.mark.parametrize("order", ["C", "F"])
-def test_component_moments_from_runs_match_a_per_voxel_count(order) -> None:
+def test_runs_equal_a_numpy_scan_when_there_are_more_runs_than_first_allocated(order) -> None:
+    """Runs of a noisy map (~30 k runs, beyond the first allocation of max(1024, voxels / 16))."""
+    from custom.solf import kernels
+    from custom.solf.features import _c_view
+
+    rng = np.random.default_rng(5)
+    labels = np.asarray(rng.integers(1, 6, (40, 30, 50)) * (rng.random((40, 30, 50)) < 0.5), np.uint8, order=order)
+    view, _ = _c_view(labels)
+    row_start, begin, end, label = kernels.find_runs(view)
+    rows = view.reshape(-1, view.shape[2])
+    assert len(begin) > max(1024, labels.size // 16)
+    for r in (0, 1, 777, len(rows) - 1):
+        row = np.concatenate([[0], rows[r], [0]]).astype(int)
+        edges = np.flatnonzero(np.diff(row))  # run boundaries, background runs included
+        starts = edges[:-1][row[edges[:-1] + 1] != 0]
+        stops = edges[1:][row[edges[:-1] + 1] != 0]
+        got = slice(row_start[r], row_start[r + 1])
+        np.testing.assert_array_equal(begin[got], starts)
+        np.testing.assert_array_equal(end[got], stops)
+        np.testing.assert_array_equal(label[got], rows[r][starts])
+    assert row_start[-1] == len(begin) and np.all(np.diff(row_start) >= 0)
+
+
+def test_an_empty_map_has_no_organs() -> None:
+    cleaned, rows = volume_features(np.zeros((8, 9, 10), np.uint8), np.diag([2.0, 2.0, 3.0, 1.0]))
+    assert rows == [] and not cleaned.any()
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("density", [0.3, 0.7])
+def test_components_from_runs_equal_scipy_labelling_per_organ(order, density) -> None:
+    """Run-based union-find (all organs at once) == ``scipy.ndimage.label`` with 26-connectivity on
+    each organ's mask: same components, voxel counts, index moments and boxes."""
+    from scipy import ndimage
+
     from custom.solf.features import connected_components
 
     rng = np.random.default_rng(3)
-    labels = np.asarray(rng.integers(0, 4, (9, 7, 11)) * (rng.random((9, 7, 11)) < 0.3), dtype=np.uint8, order=order)
+    shape = (9, 7, 11)
+    labels = np.asarray(rng.integers(1, 4, shape) * (rng.random(shape) < density), dtype=np.uint8, order=order)
     comps = connected_components(labels)
-    n = len(comps.label) - 1
-    assert n > 20 and comps.voxels[1:].sum() == np.count_nonzero(labels)
-    for cid in range(1, n + 1):
-        idx = np.argwhere(comps.cc == cid).astype(float)  # (voxels, 3) indices along the label map's axes
-        assert np.all(labels[comps.cc == cid] == comps.label[cid])
-        assert comps.voxels[cid] == len(idx)
-        np.testing.assert_allclose(comps.first[cid], idx.sum(axis=0))
-        np.testing.assert_allclose(comps.second[cid], idx.T @ idx)
-        np.testing.assert_array_equal(comps.lo[cid], idx.min(axis=0))
-        np.testing.assert_array_equal(comps.hi[cid], idx.max(axis=0) + 1)
+    assert comps.voxels[1:].sum() == np.count_nonzero(labels)
+    n_expected = 0
+    for organ in (1, 2, 3):
+        cc, n = ndimage.label(labels == organ, structure=np.ones((3, 3, 3)))
+        n_expected += n
+        expected = []
+        for cid in range(1, n + 1):
+            idx = np.argwhere(cc == cid).astype(float)  # (voxels, 3) indices along the label map's axes
+            expected.append((len(idx), *idx.sum(axis=0), *(idx.T @ idx).ravel(), *idx.min(axis=0), *(idx.max(axis=0) + 1)))
+        ids = np.flatnonzero(comps.label == organ)
+        got = [
+            (comps.voxels[i], *comps.first[i], *comps.second[i].ravel(), *comps.lo[i], *comps.hi[i]) for i in ids
+        ]
+        np.testing.assert_allclose(sorted(got), sorted(expected))
+    assert len(comps.label) - 1 == n_expected > 10

@@ -154,7 +154,9 @@ def stage_a_volume(item: Item, output_dir: str, config: StageAConfig) -> dict[st
             if image.shape[-3:] != labels.shape:
                 raise BadVolume(f"{item.label}: the label grid {labels.shape} differs from its image's {image.shape[-3:]}. "
                                 "Fix: resample the label onto its image (nearest neighbour) or pair the right files")
-        _, rows = volume_features(labels, affine, image, UKBOB_LABELS, UKBOB_COMPONENT_RANGES, config.min_fraction, config.clean)
+        _, rows = volume_features(
+            labels, affine, image, UKBOB_LABELS, UKBOB_COMPONENT_RANGES, config.min_fraction, config.clean, copy=False
+        )
     except BadVolume as exc:
         return {"volume": item.volume, "label": item.label, "error": str(exc)}
     result = {

@@ -1,12 +1,13 @@
 """SOLF stage A: per-volume component cleaning and per-organ shape features in physical units.
 
-Plain NumPy/SciPy functions (no MONAI, no torch) so that the batch runner's worker processes stay
-light; :mod:`custom.solf.transforms` wraps them as MONAI transforms.
+Plain NumPy/SciPy functions and numba kernels (no MONAI, no torch) so that the batch runner's worker
+processes stay light; :mod:`custom.solf.transforms` wraps them as MONAI transforms.
 
-Speed: one multi-label connected-components pass (``cc3d``) labels every organ's components; their
-voxel counts, index moments and boxes come from runs of voxels along the contiguous axis; one more
-pass over the cubes that hold any surface gives every organ's marching-cubes area. Nothing scans the
-volume once per organ (body-wide fat and muscle labels span the whole volume).
+Speed: the volume is read as runs of voxels along its contiguous axis (:mod:`custom.solf.kernels`);
+connected components of every organ are unions of touching runs, and their voxel counts, index
+moments and boxes are sums over runs; one more pass over the 2x2x2 cubes gives every organ's
+marching-cubes area. Nothing scans the volume once per organ (body-wide fat and muscle labels span
+the whole volume).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from custom.labels import UKBOB_COMPONENT_RANGES, UKBOB_LABELS, ComponentRange
+from custom.solf import kernels
 
 #: a component is kept only if it has at least this fraction of the organ's largest component
 DEFAULT_MIN_FRACTION = 0.01
@@ -37,23 +39,29 @@ def voxel_spacing(affine: np.ndarray | None) -> np.ndarray:
     return np.linalg.norm(voxel_matrix(affine), axis=0)
 
 
+def voxel_volume_ml(affine: np.ndarray | None) -> float:
+    """Volume of one voxel in mL (|det| of the affine's 3x3 part, mm^3, / 1000)."""
+    return abs(float(np.linalg.det(voxel_matrix(affine)))) / 1000.0
+
+
 def check_label_ids(
     labels: np.ndarray, known_ids: Iterable[int], path: str | None = None, present: np.ndarray | None = None
 ) -> None:
     """Raise :class:`~custom.io.InputError` when ``labels`` holds an id outside ``known_ids``.
 
     Negative or huge ids are bad input (a huge id would also make per-id tables huge): reported as
-    one line naming the first few. ``present``: the ids already known to occur (e.g. the labels of
-    the connected components), which saves a scan of the volume when the id range is valid.
+    one line naming the first few. ``present``: the non-zero ids known to occur (e.g. the labels of
+    the connected components), which saves every scan of the volume.
     """
     known = np.asarray(sorted(set(int(i) for i in known_ids)), dtype=np.int64)
     if labels.size == 0:
         return
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi > known[-1]:
-        present = np.unique(labels)
-    elif present is None:
-        present = np.flatnonzero(np.bincount(labels.ravel().astype(np.int64), minlength=hi + 1))
+    if present is None:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > known[-1]:
+            present = np.unique(labels)
+        else:
+            present = np.flatnonzero(np.bincount(labels.ravel().astype(np.int64), minlength=hi + 1))
     bad = np.setdiff1d(present, known)
     if bad.size:
         from custom.io import InputError  # imported here: workers of the batch runner stay free of MONAI
@@ -64,9 +72,13 @@ def check_label_ids(
         )
 
 
-def _compact(labels: np.ndarray) -> np.ndarray:
-    """``labels`` in the smallest unsigned dtype that holds its ids (ids already checked >= 0)."""
-    hi = int(labels.max()) if labels.size else 0
+def _compact(labels: np.ndarray, hi: int | None = None) -> np.ndarray:
+    """``labels`` in the smallest unsigned dtype that holds its ids (ids already checked >= 0; ``hi``:
+    their maximum, when known). A uint8 map is returned as it is, without a scan."""
+    if labels.dtype == np.uint8:
+        return labels
+    if hi is None:
+        hi = int(labels.max()) if labels.size else 0
     dtype = np.uint8 if hi < 2**8 else np.uint16 if hi < 2**16 else np.uint32
     return labels if labels.dtype == dtype else labels.astype(dtype)
 
@@ -87,13 +99,14 @@ class Components:
     multi-label pass. Arrays are indexed by component id 1..n (index 0 is background). Coordinates
     are voxel indices along the axes of the label map."""
 
-    cc: np.ndarray  #: component id of every voxel, 0 = background
     label: np.ndarray  #: (n + 1,) organ id of each component
     voxels: np.ndarray  #: (n + 1,) voxel count
     first: np.ndarray  #: (n + 1, 3) sums of the voxel indices
     second: np.ndarray  #: (n + 1, 3, 3) sums of products of the voxel indices
     lo: np.ndarray  #: (n + 1, 3) bounding box start (inclusive)
     hi: np.ndarray  #: (n + 1, 3) bounding box end (exclusive)
+    runs: tuple[np.ndarray, ...]  #: ``(row_start, begin, end)`` of :func:`kernels.find_runs` on the C-ordered view
+    run_component: np.ndarray  #: component id of each run
 
     def box(self, ids: Iterable[int]) -> tuple[slice, slice, slice]:
         """The bounding box (slices) of the union of components ``ids``."""
@@ -102,63 +115,23 @@ class Components:
 
 
 def connected_components(labels: np.ndarray) -> Components:
-    """Label every organ's components in one pass (``cc3d``) and measure them from runs of voxels.
+    """Label every organ's components in one pass and measure them, all on runs of voxels.
 
-    The label map is cut into runs along its contiguous axis (a run = consecutive voxels of one id
-    in one row, so of one component); each run's voxel count, index sums and products have closed
-    forms, so the moments and boxes of all components come from a few array operations over the runs
-    (O(surface), not O(volume)) instead of one scan of the volume per organ.
+    A run is a stretch of one id along a row of the contiguous axis; a UKBOB-sized map of 14.4 M
+    voxels has ~0.35 M of them. Components are unions of touching runs of one id (26-connectivity),
+    and a run's voxel count, index sums and products have closed forms, so counts, moments and boxes
+    of all components cost O(runs) after one read of the volume (:mod:`custom.solf.kernels`).
 
     Args:
-        labels: label map ``(H, W, D)`` of non-negative ids (any integer dtype, any memory order).
+        labels: label map ``(H, W, D)`` of non-negative ids in an unsigned dtype (:func:`_compact`), any memory order.
     """
-    import cc3d
-
-    cc, n = cc3d.connected_components(labels, connectivity=26, return_N=True)
-    # runs are found on the (narrower, faster to compare) label map: a run of one id lies in one component
     view, axes = _c_view(labels)
-    cc_view = cc.T if axes == (2, 1, 0) else cc
-    flat, length = view.reshape(-1), view.shape[2]
-    start = np.empty(flat.size, dtype=bool)
-    if flat.size:
-        start[0] = True
-        np.not_equal(flat[1:], flat[:-1], out=start[1:])
-        start[::length] = True  # a run never continues onto the next row
-    starts = np.flatnonzero(start)
-    runs = np.diff(starts, append=flat.size).astype(np.float64)
-    run_label = flat[starts]
-    fg = run_label != 0
-    starts, runs = starts[fg], runs[fg]
-    comp = cc_view.reshape(-1)[starts].astype(np.int64)
-    label = np.zeros(n + 1, dtype=np.int64)
-    label[comp] = run_label[fg]
-    # view coordinates of each run: (a, b) fixed, c .. c + runs - 1
-    c = (starts % length).astype(np.float64)
-    ab = starts // length
-    a, b = (ab // view.shape[1]).astype(np.float64), (ab % view.shape[1]).astype(np.float64)
-    sum_c = runs * c + runs * (runs - 1) / 2
-    sum_cc = runs * c * c + c * runs * (runs - 1) + (runs - 1) * runs * (2 * runs - 1) / 6
-    per_run = {
-        (0,): a * runs, (1,): b * runs, (2,): sum_c,
-        (0, 0): a * a * runs, (1, 1): b * b * runs, (2, 2): sum_cc,
-        (0, 1): a * b * runs, (0, 2): a * sum_c, (1, 2): b * sum_c,
-    }
-    count = np.bincount(comp, weights=runs, minlength=n + 1)
-    first, second = np.zeros((n + 1, 3)), np.zeros((n + 1, 3, 3))
-    for key, w in per_run.items():
-        total = np.bincount(comp, weights=w, minlength=n + 1)
-        if len(key) == 1:
-            first[:, axes[key[0]]] = total
-        else:
-            i, j = axes[key[0]], axes[key[1]]
-            second[:, i, j] = second[:, j, i] = total
-    lo = np.full((n + 1, 3), np.iinfo(np.int64).max, dtype=np.int64)
-    hi = np.zeros((n + 1, 3), dtype=np.int64)
-    ends = c + runs  # exclusive
-    for view_axis, (begin, end) in enumerate(((a, a + 1), (b, b + 1), (c, ends))):
-        np.minimum.at(lo[:, axes[view_axis]], comp, begin.astype(np.int64))
-        np.maximum.at(hi[:, axes[view_axis]], comp, end.astype(np.int64))
-    return Components(cc, label, count.astype(np.int64), first, second, lo, hi)
+    row_start, begin, end, run_label = kernels.find_runs(view)
+    comp, label, voxels, first, second, lo, hi = kernels.run_components(row_start, begin, end, run_label, view.shape[1])
+    back = np.argsort(axes)  # view axis i is axis axes[i] of labels
+    return Components(
+        label, voxels, first[:, back], second[:, back][:, :, back], lo[:, back], hi[:, back], (row_start, begin, end), comp
+    )
 
 
 def _kept(comps: Components, ranges: Mapping[int, ComponentRange], min_fraction: float, clean: bool) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
@@ -180,13 +153,10 @@ def _kept(comps: Components, ranges: Mapping[int, ComponentRange], min_fraction:
     return keep, counts
 
 
-def _remove(labels: np.ndarray, comps: Components, keep: np.ndarray) -> np.ndarray:
-    """A copy of ``labels`` with the components not in ``keep`` set to 0 (each on its own bounding box)."""
-    out = np.array(labels, copy=True)
-    for cid in np.flatnonzero(~keep[1:]) + 1:
-        box = comps.box([cid])
-        sub = out[box]  # a view into ``out``
-        sub[comps.cc[box] == cid] = 0
+def _remove(labels: np.ndarray, comps: Components, keep: np.ndarray, copy: bool = True) -> np.ndarray:
+    """``labels`` (a copy unless ``copy=False``) with the components not in ``keep`` set to 0, run by run."""
+    out = np.array(labels, copy=True) if copy else labels  # a copy keeps the memory order: its C-ordered view matches the runs
+    kernels.erase_runs(_c_view(out)[0], *comps.runs, comps.run_component, ~keep)
     return out
 
 
@@ -226,7 +196,7 @@ def body_volume_ml(
         image: optional ``(H, W, D)`` or channel-first ``(C, H, W, D)`` intensities on the same grid.
         threshold: foreground threshold on the channel maximum (Otsu's threshold when ``None``).
     """
-    voxel_ml = abs(np.linalg.det(voxel_matrix(affine))) / 1000.0
+    voxel_ml = voxel_volume_ml(affine)
     if image is None:
         return float(np.count_nonzero(labels)) * voxel_ml
     img = np.asarray(image, dtype=np.float32)
@@ -275,62 +245,13 @@ def surface_areas_mm2(labels: np.ndarray, spacing: Sequence[float]) -> np.ndarra
         ``(max id + 1,)`` areas in mm^2 indexed by id (0 for ids absent; index 0 is background).
     """
     labels = _compact(np.asarray(labels))
+    return _surface_areas(labels, spacing, int(labels.max(initial=0)) + 1)
+
+
+def _surface_areas(labels: np.ndarray, spacing: Sequence[float], n_ids: int) -> np.ndarray:
+    """:func:`surface_areas_mm2` of a compact map whose ids are below ``n_ids`` (no scan for the maximum)."""
     view, axes = _c_view(labels)
-    flat = np.ascontiguousarray(np.pad(view, 1)).reshape(-1)  # background around the volume closes every surface
-    s0, s1 = (view.shape[1] + 2) * (view.shape[2] + 2), view.shape[2] + 2
-    offsets = [(k & 1) * s0 + (k >> 1 & 1) * s1 + (k >> 2 & 1) for k in range(8)]  # corner k of a cube
-    table = _cube_areas(tuple(float(spacing[ax]) for ax in axes))
-    n_ids = int(flat.max(initial=0)) + 1
-    counts = np.zeros(n_ids * 256, dtype=np.int64)
-    n_cubes = flat.size - offsets[7]  # a cube is indexed by the flat index of its corner 0
-    for start in range(0, n_cubes, _CHUNK):  # chunks small enough for the CPU cache
-        counts += _mixed_cube_patterns(flat, start, min(start + _CHUNK, n_cubes), offsets, n_ids)
-    return counts.reshape(n_ids, 256) @ table
-
-
-#: cubes per chunk of :func:`surface_areas_mm2` (a few hundred kB of uint8 temporaries: stays in L2)
-_CHUNK = 1 << 18
-
-
-def _mixed_cube_patterns(flat: np.ndarray, start: int, stop: int, offsets: list[int], n_ids: int) -> np.ndarray:
-    """Counts of (id, corner pattern) over the cubes ``start:stop`` of a padded flat label map, ``(n_ids * 256,)``.
-
-    Cubes that wrap around a row end hold only padding, so they are never mixed and never counted.
-    """
-    hi = lo = flat[start : stop + offsets[7]]
-    for step in (offsets[1], offsets[2], offsets[4]):  # max and min over each cube, one axis at a time
-        hi, lo = np.maximum(hi[:-step], hi[step:]), np.minimum(lo[:-step], lo[step:])
-    mixed = np.flatnonzero(hi != lo)
-    hi, lo = hi[mixed], lo[mixed]
-    mixed += start
-    corners = [flat[off:][mixed] for off in offsets]
-    counts = np.zeros(n_ids * 256, dtype=np.int64)
-
-    def add(ids: np.ndarray, codes: np.ndarray) -> None:
-        counts[:] += np.bincount(ids.astype(np.int64) * 256 + codes, minlength=n_ids * 256)
-
-    # most cubes hold two ids (hi and lo): the pattern of lo is the complement of that of hi
-    code = np.zeros(len(mixed), dtype=np.uint8)
-    two = np.ones(len(mixed), dtype=bool)
-    for j, corner in enumerate(corners):
-        is_hi = corner == hi
-        code |= is_hi.view(np.uint8) << j
-        two &= is_hi | (corner == lo)
-    add(hi[two], code[two])
-    with_lo = two & (lo != 0)
-    add(lo[with_lo], ~code[with_lo])
-    # three or more ids: each id present at a corner gets its own pattern, counted at its first corner
-    corners = [c[~two] for c in corners]
-    for k in range(8):
-        first = corners[k] != 0
-        code = np.zeros(len(first), dtype=np.uint8)
-        for j in range(8):
-            same = corners[j] == corners[k]
-            code |= same.view(np.uint8) << j
-            if j < k:
-                first &= ~same
-        add(corners[k][first], code[first])
-    return counts
+    return kernels.surface_areas(view, _cube_areas(tuple(float(spacing[ax]) for ax in axes)), n_ids)
 
 
 @dataclass(frozen=True)
@@ -358,23 +279,24 @@ class OrganFeatures:
     bbox_z1: int
 
 
-def _shape(voxels: int, first: np.ndarray, second: np.ndarray, area_mm2: float, affine: np.ndarray | None) -> dict[str, Any]:
-    """Volume, sphericity, eccentricity and centroid of a mask from its voxel count and index moments.
+def _shapes(voxels: np.ndarray, first: np.ndarray, second: np.ndarray, area_mm2: np.ndarray, affine: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Volume (mL), sphericity, eccentricity and centroid (mm) of ``n`` masks from voxel counts and index moments.
 
-    ``first``: sums of the voxel indices (3,); ``second``: sums of their products (3, 3).
-    Sphericity = pi^(1/3) (6 V)^(2/3) / A; eccentricity = sqrt(1 - lambda_min / lambda_max) of the
-    covariance of the voxel centres in mm (the index covariance through the affine's 3x3 part).
+    ``voxels`` (n,) > 0; ``first``: sums of the voxel indices (n, 3); ``second``: sums of their
+    products (n, 3, 3); ``area_mm2`` (n,). Sphericity = pi^(1/3) (6 V)^(2/3) / A; eccentricity =
+    sqrt(1 - lambda_min / lambda_max) of the covariance of the voxel centres in mm (the index
+    covariance through the affine's 3x3 part).
     """
     m = voxel_matrix(affine)
     volume_mm3 = voxels * abs(np.linalg.det(m))
-    sphericity = np.pi ** (1 / 3) * (6 * volume_mm3) ** (2 / 3) / area_mm2 if area_mm2 > 0 else float("nan")
-    mean = first / voxels
-    ecc = 0.0
-    if voxels > 1:
-        lam = np.linalg.eigvalsh(m @ (second / voxels - np.outer(mean, mean)) @ m.T)
-        ecc = float(np.sqrt(min(1.0, max(0.0, 1.0 - lam[0] / lam[-1])))) if lam[-1] > 0 else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sphericity = np.where(area_mm2 > 0, np.pi ** (1 / 3) * (6 * volume_mm3) ** (2 / 3) / area_mm2, np.nan)
+        mean = first / voxels[:, None]
+        cov = second / voxels[:, None, None] - mean[:, :, None] * mean[:, None, :]
+        lam = np.linalg.eigvalsh(m @ cov @ m.T)  # ascending, per mask
+        ecc = np.where((voxels > 1) & (lam[:, -1] > 0), np.sqrt(np.clip(1.0 - lam[:, 0] / lam[:, -1], 0.0, 1.0)), 0.0)
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    return {"volume_ml": volume_mm3 / 1000.0, "sphericity": float(sphericity), "eccentricity": ecc, "centroid": aff[:3, :3] @ mean + aff[:3, 3]}
+    return {"volume_ml": volume_mm3 / 1000.0, "sphericity": sphericity, "eccentricity": ecc, "centroid": mean @ aff[:3, :3].T + aff[:3, 3]}
 
 
 def volume_features(
@@ -385,6 +307,7 @@ def volume_features(
     ranges: Mapping[int, ComponentRange] = UKBOB_COMPONENT_RANGES,
     min_fraction: float = DEFAULT_MIN_FRACTION,
     clean: bool = True,
+    copy: bool = True,
 ) -> tuple[np.ndarray, list[OrganFeatures]]:
     """Stage A for one volume: clean components, then measure every organ present.
 
@@ -400,6 +323,9 @@ def volume_features(
         organ_names: id -> name table.
         ranges: expected component ranges; ``clean=False`` skips cleaning (counts are still recorded).
         min_fraction: see :func:`clean_components`.
+        copy: ``False`` cleans ``labels`` in place when it is already a compact (uint8 for UKBOB)
+            array: for a caller that owns the array and needs only the features (the batch runner),
+            it saves a copy of the volume.
 
     Returns:
         ``(cleaned label map, one OrganFeatures per organ present, sorted by id)``.
@@ -412,34 +338,43 @@ def volume_features(
         labels = labels[0]
     if labels.dtype.kind not in "iu":
         labels = labels.astype(np.int32)
-    known = max(organ_names)
-    if labels.size and (labels.min() < 0 or labels.max() > known):
-        check_label_ids(labels, organ_names)  # raises, naming the ids
-    labels = _compact(labels)
+    hi = None
+    if labels.size and labels.dtype != np.uint8:  # a uint8 map needs no range scan: its ids are checked below
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > max(organ_names):
+            check_label_ids(labels, organ_names)  # raises, naming the ids
+    labels = _compact(labels, hi)
     comps = connected_components(labels)
     check_label_ids(labels, organ_names, present=np.unique(comps.label[1:]))
     keep, counts = _kept(comps, ranges, min_fraction, clean)
     if clean and not keep[1:].all():
-        labels = _remove(labels, comps, keep)
+        labels = _remove(labels, comps, keep, copy)
+    organs = np.array(sorted(counts), dtype=np.int64)
     kept = np.flatnonzero(keep)
-    body_ml = body_volume_ml(labels, affine, image)
-    areas = surface_areas_mm2(labels, voxel_spacing(affine))
+    row = np.searchsorted(organs, comps.label[kept])  # each kept component's organ, as a row of the table
+    voxels = np.bincount(row, weights=comps.voxels[kept], minlength=len(organs))
+    first, second = np.zeros((len(organs), 3)), np.zeros((len(organs), 3, 3))
+    np.add.at(first, row, comps.first[kept])
+    np.add.at(second, row, comps.second[kept])
+    box_lo, box_hi = np.full((len(organs), 3), np.iinfo(np.int64).max), np.zeros((len(organs), 3), dtype=np.int64)
+    np.minimum.at(box_lo, row, comps.lo[kept])
+    np.maximum.at(box_hi, row, comps.hi[kept])
+    # without an image the body is the union of the (cleaned) labels: the kept components' voxels
+    body_ml = body_volume_ml(labels, affine, image) if image is not None else float(voxels.sum()) * voxel_volume_ml(affine)
+    areas = _surface_areas(labels, voxel_spacing(affine), int(organs.max(initial=0)) + 1)[organs]
+    f = _shapes(voxels, first, second, areas, affine)
     rows = []
-    for organ in sorted(counts):
-        ids = kept[comps.label[kept] == organ]
-        n = int(comps.voxels[ids].sum())
-        f = _shape(n, comps.first[ids].sum(axis=0), comps.second[ids].sum(axis=0), float(areas[organ]), affine)
-        box = comps.box(ids)
+    for k, organ in enumerate(organs.tolist()):
         before, after = counts[organ]
         rows.append(
             OrganFeatures(
-                organ_id=organ, organ=organ_names.get(organ, str(organ)), voxels=n,
-                volume_ml=f["volume_ml"], norm_volume=f["volume_ml"] / body_ml if body_ml > 0 else float("nan"),
-                surface_mm2=float(areas[organ]), sphericity=f["sphericity"], eccentricity=f["eccentricity"],
+                organ_id=organ, organ=organ_names.get(organ, str(organ)), voxels=int(voxels[k]),
+                volume_ml=float(f["volume_ml"][k]), norm_volume=float(f["volume_ml"][k]) / body_ml if body_ml > 0 else float("nan"),
+                surface_mm2=float(areas[k]), sphericity=float(f["sphericity"][k]), eccentricity=float(f["eccentricity"][k]),
                 components_before=before, components_after=after,
-                centroid_x=float(f["centroid"][0]), centroid_y=float(f["centroid"][1]), centroid_z=float(f["centroid"][2]),
-                bbox_x0=box[0].start, bbox_x1=box[0].stop, bbox_y0=box[1].start, bbox_y1=box[1].stop,
-                bbox_z0=box[2].start, bbox_z1=box[2].stop,
+                centroid_x=float(f["centroid"][k, 0]), centroid_y=float(f["centroid"][k, 1]), centroid_z=float(f["centroid"][k, 2]),
+                bbox_x0=int(box_lo[k, 0]), bbox_x1=int(box_hi[k, 0]), bbox_y0=int(box_lo[k, 1]), bbox_y1=int(box_hi[k, 1]),
+                bbox_z0=int(box_lo[k, 2]), bbox_z1=int(box_hi[k, 2]),
             )
         )
     return labels, rows
