@@ -85,11 +85,12 @@ def _join_rows(parent: np.ndarray, row_start: np.ndarray, begin: np.ndarray, end
     """
     j0, j_stop = row_start[s], row_start[s + 1]
     for i in range(row_start[r], row_start[r + 1]):
-        while j0 < j_stop and end[j0] < begin[i]:  # runs ending left of run i touch no later run of row r
+        b_i, e_i, l_i = begin[i], end[i], label[i]
+        while j0 < j_stop and end[j0] < b_i:  # runs ending left of run i touch no later run of row r
             j0 += 1
         j = j0
-        while j < j_stop and begin[j] <= end[i]:
-            if label[j] == label[i]:
+        while j < j_stop and begin[j] <= e_i:
+            if label[j] == l_i:
                 ri, rj = _root(parent, i), _root(parent, j)
                 if ri < rj:
                     parent[rj] = ri
