@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -107,11 +107,6 @@ class Components:
     hi: np.ndarray  #: (n + 1, 3) bounding box end (exclusive)
     runs: tuple[np.ndarray, ...]  #: ``(row_start, begin, end)`` of :func:`kernels.find_runs` on the C-ordered view
     run_component: np.ndarray  #: component id of each run
-
-    def box(self, ids: Iterable[int]) -> tuple[slice, slice, slice]:
-        """The bounding box (slices) of the union of components ``ids``."""
-        ids = np.asarray(list(ids))
-        return tuple(slice(int(a), int(b)) for a, b in zip(self.lo[ids].min(axis=0), self.hi[ids].max(axis=0)))
 
 
 def connected_components(labels: np.ndarray) -> Components:
