@@ -1,4 +1,5 @@
-"""bundles/swin_bob_ukbob: metadata, SOLF through `monai.bundle run configs/solf.json`, one tiny epoch.
+"""bundles/swin_bob_ukbob: metadata, SOLF through `monai.bundle run configs/solf.json`, one tiny epoch,
+evaluation and inference.
 
 The sample is real anatomy (TotalSegmentator CTs and their automatic labels, mapped to UKBOB ids)
 with 4 Dixon-like channels derived from CT: UKBOB-shaped, not UK Biobank data.
@@ -71,17 +72,25 @@ def test_solf_json_writes_the_reports(solf_root) -> None:
     assert per_volume["labels/ct_dicom.nii.gz"] >= per_volume.max() - 1 and per_volume["labels/ct_abdomen_crop.nii.gz"] >= 1
 
 
+@pytest.fixture(scope="module")
+def trained(solf_root):
+    """One tiny epoch of train.json in ``solf_root`` (SOLF decisions applied); its workflow, run."""
+    wf = workflow(["train.json"], solf_root, "train", epochs=1, val_interval=1, num_workers=0, num_samples=1,
+                  cache_rate=0.0, warmup_epochs=0)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
 @pytest.mark.slow
-def test_train_applies_decisions_and_runs_one_tiny_epoch(solf_root) -> None:
+def test_train_applies_decisions_and_runs_one_tiny_epoch(solf_root, trained) -> None:
     from monai.transforms import Compose
 
     from custom.labels import IGNORE_LABEL, UKBOB_ID
 
-    wf = workflow(["train.json"], solf_root, "train", epochs=1, val_interval=1, num_workers=0, num_samples=1,
-                  cache_rate=0.0, warmup_epochs=0)
-    wf.initialize()
     # the deterministic + SOLF part of train#preprocessing on the cropped volume
-    parser = wf.parser
+    parser = trained.parser
     pre = Compose(parser.get_parsed_content("train#deterministic_transforms") + parser.get_parsed_content("train#solf_transforms"))
     item = next(d for d in parser.get_parsed_content("train_datalist") if d["label"].endswith("ct_abdomen_crop.nii.gz"))
     out = pre(dict(item))
@@ -96,14 +105,42 @@ def test_train_applies_decisions_and_runs_one_tiny_epoch(solf_root) -> None:
     assert isinstance(parser.get_parsed_content("loss").ce, torch.nn.CrossEntropyLoss)
     assert parser.get_parsed_content("loss").ce.ignore_index == IGNORE_LABEL
     assert UKBOB_ID["liver"] in np.unique(lab) or UKBOB_ID["liver"] in rejected
-    wf.run()
-    wf.finalize()
     state = torch.load(solf_root / "models" / "model.pt", weights_only=True)
     from monai.networks.nets import SwinUNETR
 
     SwinUNETR(in_channels=4, out_channels=73, feature_size=12).load_state_dict(state)
     trainer = parser.get_parsed_content("train#trainer")
     assert np.isfinite(float(trainer.state.output[0]["loss"]))
+
+
+@pytest.mark.slow
+def test_evaluate_reports_dice_and_hd95_per_organ(solf_root, trained) -> None:
+    wf = workflow(["train.json", "evaluate.json"], solf_root, "eval")
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    summary = pd.read_csv(solf_root / "eval" / "metrics_summary.csv")
+    per_case = pd.read_csv(solf_root / "eval" / "metrics_per_case.csv")
+    assert set(per_case["case"]) == {"ct_dicom"}  # the validation list: one volume
+    organs = summary[summary["organ"] != "mean"]
+    assert len(organs) == 72 and "liver" in set(organs["organ"])  # every UKBOB organ, background left out
+    dice = organs["dice"].dropna()
+    assert len(dice) > 0 and dice.between(0.0, 1.0).all()
+
+
+@pytest.mark.slow
+def test_inference_writes_ukbob_ids_in_the_input_space(solf_root, trained, ukbob_sample) -> None:
+    import nibabel as nib
+
+    wf = workflow(["inference.json"], solf_root, "infer")  # the sample's "test" list: the aorta CT, 4 channels
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    seg = nib.load(solf_root / "eval" / "ct_aorta_seg.nii.gz")
+    image = nib.load(ukbob_sample / "images" / "ct_aorta.nii.gz")
+    assert image.shape[3] == 4 and seg.shape == image.shape[:3]
+    assert np.allclose(seg.affine, image.affine, atol=1e-4) and seg.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= set(range(73))
 
 
 def test_use_solf_false_trains_on_the_raw_labels(ukbob_sample, tmp_path) -> None:
