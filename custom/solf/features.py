@@ -283,15 +283,15 @@ def _shapes(voxels: np.ndarray, first: np.ndarray, second: np.ndarray, area_mm2:
     covariance through the affine's 3x3 part).
     """
     m = voxel_matrix(affine)
-    volume_mm3 = voxels * abs(np.linalg.det(m))
+    volume_ml = voxels * voxel_volume_ml(affine)
     with np.errstate(divide="ignore", invalid="ignore"):
-        sphericity = np.where(area_mm2 > 0, np.pi ** (1 / 3) * (6 * volume_mm3) ** (2 / 3) / area_mm2, np.nan)
+        sphericity = np.where(area_mm2 > 0, np.pi ** (1 / 3) * (6 * volume_ml * 1000.0) ** (2 / 3) / area_mm2, np.nan)
         mean = first / voxels[:, None]
         cov = second / voxels[:, None, None] - mean[:, :, None] * mean[:, None, :]
         lam = np.linalg.eigvalsh(m @ cov @ m.T)  # ascending, per mask
         ecc = np.where((voxels > 1) & (lam[:, -1] > 0), np.sqrt(np.clip(1.0 - lam[:, 0] / lam[:, -1], 0.0, 1.0)), 0.0)
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    return {"volume_ml": volume_mm3 / 1000.0, "sphericity": sphericity, "eccentricity": ecc, "centroid": mean @ aff[:3, :3].T + aff[:3, 3]}
+    return {"volume_ml": volume_ml, "sphericity": sphericity, "eccentricity": ecc, "centroid": mean @ aff[:3, :3].T + aff[:3, 3]}
 
 
 def volume_features(
