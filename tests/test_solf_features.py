@@ -163,6 +163,19 @@ def test_runs_equal_a_numpy_scan_when_there_are_more_runs_than_first_allocated(o
     assert row_start[-1] == len(begin) and np.all(np.diff(row_start) >= 0)
 
 
+def test_cleaning_a_strided_map_equals_cleaning_its_contiguous_copy() -> None:
+    """A strided view (as a permuted tensor gives) is cleaned in the runs' memory order, not its own."""
+    rng = np.random.default_rng(0)
+    base = np.asfortranarray((rng.random((20, 18, 16)) < 0.04).astype(np.uint8) * LIVER)  # scattered liver voxels
+    strided = base[:, ::2]
+    assert not (strided.flags.c_contiguous or strided.flags.f_contiguous)
+    cleaned, counts = clean_components(strided)
+    expected, _ = clean_components(np.ascontiguousarray(strided))
+    assert counts[LIVER][0] > 10 and counts[LIVER][1] == 1  # many fragments -> one kept
+    np.testing.assert_array_equal(cleaned, expected)
+    np.testing.assert_array_equal(base[:, ::2], strided)  # the input is not modified
+
+
 def test_an_empty_map_has_no_organs() -> None:
     cleaned, rows = volume_features(np.zeros((8, 9, 10), np.uint8), np.diag([2.0, 2.0, 3.0, 1.0]))
     assert rows == [] and not cleaned.any()

@@ -107,6 +107,7 @@ class Components:
     hi: np.ndarray  #: (n + 1, 3) bounding box end (exclusive)
     runs: tuple[np.ndarray, ...]  #: ``(row_start, begin, end)`` of :func:`kernels.find_runs` on the C-ordered view
     run_component: np.ndarray  #: component id of each run
+    order: str  #: memory order ("C" or "F") whose C-ordered view the runs index
 
 
 def connected_components(labels: np.ndarray) -> Components:
@@ -125,7 +126,8 @@ def connected_components(labels: np.ndarray) -> Components:
     comp, label, voxels, first, second, lo, hi = kernels.run_components(row_start, begin, end, run_label, view.shape[1])
     back = np.argsort(axes)  # view axis i is axis axes[i] of labels
     return Components(
-        label, voxels, first[:, back], second[:, back][:, :, back], lo[:, back], hi[:, back], (row_start, begin, end), comp
+        label, voxels, first[:, back], second[:, back][:, :, back], lo[:, back], hi[:, back], (row_start, begin, end), comp,
+        "F" if axes == (2, 1, 0) else "C",
     )
 
 
@@ -149,9 +151,14 @@ def _kept(comps: Components, ranges: Mapping[int, ComponentRange], min_fraction:
 
 
 def _remove(labels: np.ndarray, comps: Components, keep: np.ndarray, copy: bool = True) -> np.ndarray:
-    """``labels`` (a copy unless ``copy=False``) with the components not in ``keep`` set to 0, run by run."""
-    out = np.array(labels, copy=True) if copy else labels  # a copy keeps the memory order: its C-ordered view matches the runs
-    kernels.erase_runs(_c_view(out)[0], *comps.runs, comps.run_component, ~keep)
+    """``labels`` (a copy unless ``copy=False``) with the components not in ``keep`` set to 0, run by run.
+
+    The runs index the C-ordered view of an array in ``comps.order``; a strided input (e.g. a permuted
+    tensor's array) is copied into that order even with ``copy=False``, so no erasure is lost or misplaced.
+    """
+    in_order = labels.flags["F_CONTIGUOUS" if comps.order == "F" else "C_CONTIGUOUS"]
+    out = labels if not copy and in_order else np.array(labels, order=comps.order, copy=True)
+    kernels.erase_runs(out.T if comps.order == "F" else out, *comps.runs, comps.run_component, ~keep)
     return out
 
 
