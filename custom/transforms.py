@@ -230,3 +230,43 @@ class BratsRegionsToLabeld(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
         return d
+
+
+class LogitsToLabels(Transform):
+    """A network's ``(C, *spatial)`` pre-activation scores -> labels, on the grid they are on.
+
+    ``softmax``: ``(1, *spatial)`` argmax; ``sigmoid``: ``(C, *spatial)`` masks of scores above 0
+    (probability above 0.5). Deciding before ``Invertd`` lets the inversion move one uint8 channel with
+    nearest-neighbour interpolation instead of C float channels. An integer input is already a label
+    map (``custom.inferers.StreamingSlidingWindowInferer`` decides slab by slab) and is returned as it
+    is. Scores may be logits or log-probabilities (ETTA's output); probabilities do not work for sigmoid.
+    Metadata is kept.
+    """
+
+    def __init__(self, activation: str = "softmax"):
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+        self.activation = activation
+
+    def __call__(self, scores: Any) -> Any:
+        from custom.inferers import decide_labels
+
+        tensor = convert_to_tensor(scores, track_meta=False)
+        if not tensor.is_floating_point():
+            return scores
+        out, *_ = convert_to_dst_type(decide_labels(tensor[None], self.activation)[0], scores)
+        return out
+
+
+class LogitsToLabelsd(MapTransform):
+    """Dictionary version of :class:`LogitsToLabels`."""
+
+    def __init__(self, keys: KeysCollection, activation: str = "softmax", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.converter = LogitsToLabels(activation)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d
