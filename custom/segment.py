@@ -1,35 +1,49 @@
-"""Segment one volume with a Swin-BOB bundle, in the manner of TotalSegmentator's command line.
+"""Segment one volume or a whole cohort with a Swin-BOB bundle, in the manner of TotalSegmentator's command line.
 
     python -m custom.segment -i ct.nii.gz -o ct_seg.nii.gz --bundle btcv --stats
     python -m custom.segment -i dicom_series/ -o seg.nii.gz --bundle btcv --etta --device cuda
+    python -m custom.segment -i images/ -o segs/ --bundle ukbob --workers 2           # a folder or dataset.json
+    python -m custom.segment -i dataset.json -o segs/ --scheduler tcp://host:8786     # an existing Dask cluster
 
-``INPUT`` is a NIfTI (or NRRD/MHA) file or a folder holding one DICOM series. The bundle's own
-``configs/inference.json`` runs underneath (``monai.bundle.run`` with overrides: ``input_path``,
-``output_dir``, ``device``, ``use_etta``), so the command does exactly what the bundle does:
-preprocessing, sliding-window (or ETTA) inference, inversion to the input's grid, label map.
-``OUTPUT`` is the label map (``.nii.gz``, uint8, the input's grid and affine). ``--stats`` also
-writes ``OUTPUT`` with ``.json`` in place of ``.nii.gz``: per structure, the voxel count, the volume
-in mL and the mean input intensity inside it (per channel for multi-channel inputs), names from
-``custom.labels``.
+``INPUT`` is a NIfTI (or NRRD/MHA) file, a folder holding one DICOM series, a folder of image files or a
+Decathlon ``dataset.json`` (its ``test`` list). The bundle's own ``configs/inference.json`` runs
+underneath (:class:`custom.predict.BundlePredictor`: its pre-processing, sliding-window or ETTA
+inferer and post-processing, parsed once and weights loaded once per process).
 
-Bad input (missing or unreadable file, wrong channel count, missing weights, ...) prints one line
-``error: ...`` and exits with code 2; nothing is written at ``OUTPUT`` unless the whole run succeeds
-(the bundle writes into a temporary folder beside it, and the results are renamed into place).
+``OUTPUT`` ending in ``.nii.gz`` / ``.nii``: the label map of the one input (uint8, the input's grid
+and affine). Otherwise a folder: one ``<case>_seg.nii.gz`` per case, cases whose outputs are already
+complete are skipped (a re-run after a kill redoes only the cases in flight), bad inputs become rows of
+``errors.csv`` and the run goes on. ``--workers N`` runs N local processes, ``--scheduler`` an
+existing Dask cluster, through the same executor as the SOLF runner (:mod:`custom.parallel`), one model
+load per worker. ``--stats`` also writes, per case, ``<case>_seg.json`` beside the label map (per
+structure: voxels, volume in mL, mean input intensity) and, for a folder, ``statistics.csv`` over the
+cohort.
+
+Bad input prints one line ``error: ...`` and exits with code 2 (for a folder: the case is recorded in
+``errors.csv``); every file is written to a temporary name and renamed into place, so an output is
+either complete or absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import functools
+import io
 import json
+import logging
 import os
+import shutil
 import sys
-import tempfile
+import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from custom.io import InputError, atomic_path, check_readable, check_writable_dir, cli_main, parse_overrides
+from custom.io import InputError, atomic_path, atomic_write_text, check_readable, check_writable_dir, cli_main, parse_overrides
 from custom.labels import BRATS_LABELS, BTCV_LABELS, UKBOB_LABELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +53,8 @@ BUNDLES: Mapping[str, tuple[str, Mapping[int, str]]] = {
     "ukbob": ("swin_bob_ukbob", UKBOB_LABELS),
     "brats": ("swin_bob_brats", BRATS_LABELS),  # the bundle writes BraTS 2023 ids 1 NCR, 2 ED, 3 ET
 }
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ERRORS_CSV, STATISTICS_CSV = "errors.csv", "statistics.csv"
 
 
 def _log(msg: str) -> None:
@@ -49,10 +65,17 @@ def stats_path(output: str | os.PathLike) -> Path:
     """``seg.nii.gz`` -> ``seg.json``."""
     output = Path(output)
     name = output.name
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
             return output.with_name(name[: -len(suffix)] + ".json")
     return output.with_name(name + ".json")
+
+
+def case_name(image: str | os.PathLike) -> str:
+    """``/data/ct_01.nii.gz`` -> ``ct_01``; a DICOM series folder -> the folder's name."""
+    from custom.bundle_utils import _case_name
+
+    return _case_name(image)
 
 
 def bundle_dir(bundle: str, bundles_root: str | os.PathLike | None = None) -> Path:
@@ -64,20 +87,14 @@ def bundle_dir(bundle: str, bundles_root: str | os.PathLike | None = None) -> Pa
     return folder
 
 
-def check_inputs(input_path: Path, output: Path, ckpt: Path, device: str, etta: bool, config: Mapping[str, Any]) -> None:
-    """Everything that can be checked before a network is built; :class:`InputError` otherwise."""
-    check_readable(input_path)
-    if not output.name.endswith((".nii.gz", ".nii")):
-        raise InputError(output, "the output must be a NIfTI file name", "end it with .nii.gz")
-    if output.is_dir():
-        raise InputError(output, "is a folder", "give a file name such as seg.nii.gz")
-    check_writable_dir(output.parent)
+def check_model(folder: Path, ckpt: Path, device: str, etta: bool) -> None:
+    """What can be checked before a network is built; :class:`InputError` otherwise."""
     if not ckpt.is_file():
         raise InputError(ckpt, "model weights not found",
                          "train the bundle (configs/train.json), fetch the files in large_files.yml, or pass --model PATH")
-    if etta and "use_etta" not in config:
+    if etta and "use_etta" not in json.loads((folder / "configs" / "inference.json").read_text()):
         raise InputError(None, "--etta: this bundle's inference.json has no `use_etta` switch", "run without --etta")
-    if device == "cuda":
+    if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
@@ -110,6 +127,54 @@ def label_stats(label_file: Path, image: Any, names: Mapping[int, str]) -> dict[
     return {"voxel_volume_ml": voxel_ml, "organs": organs}
 
 
+# ---------------------------------------------------------------- one case, in whichever process runs it
+@functools.lru_cache(maxsize=1)
+def _predictor(spec: Any, output_dir: str) -> Any:
+    """This process's predictor for ``spec`` (built on first use: one model load per worker)."""
+    from custom.predict import BundlePredictor, staging_folder
+
+    return BundlePredictor(spec, staging_folder(output_dir))
+
+
+def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: bool = False, bundle: str = "btcv") -> dict[str, Any]:
+    """Segment ``image`` into ``output`` (and its stats JSON) with this process's predictor.
+
+    Returns ``{"image", "output", "seconds"}``, or with ``"error"`` (one line) when the input is bad.
+    The label map is renamed into place last, so its presence means the case is complete.
+    """
+    start = time.perf_counter()
+    try:
+        predictor = _predictor(spec, output_dir)
+        with atomic_path(output) as tmp:
+            predictor.predict(image, tmp)
+            if stats:
+                from custom.io import load_image_checked
+
+                table = label_stats(tmp, load_image_checked(image), BUNDLES[bundle][1])
+                table.update(input=str(image), bundle=Path(spec.folder).name, etta=bool(spec.etta))
+                atomic_write_text(stats_path(output), json.dumps(table, indent=2) + "\n")
+    except Exception as exc:  # noqa: BLE001 - a bad case is reported, the cohort goes on
+        from custom.io import find_input_error
+
+        err = find_input_error(exc)
+        if err is not None:
+            return {"image": image, "output": output, "error": str(err), "bad_input": True}
+        return {"image": image, "output": output, "error": f"{type(exc).__name__}: {exc}", "bad_input": False,
+                "traceback": traceback.format_exc()}
+    return {"image": image, "output": output, "seconds": time.perf_counter() - start}
+
+
+def _spec(bundle: str, model: str | os.PathLike | None, device: str | None, etta: bool,
+          bundles_root: str | os.PathLike | None, overrides: Mapping[str, Any] | None) -> Any:
+    from custom.predict import BundleSpec
+
+    folder = bundle_dir(bundle, bundles_root)
+    ckpt = Path(model).expanduser().resolve() if model else folder / "models" / "model.pt"
+    device = device or ("cuda" if _cuda() else "cpu")
+    check_model(folder, ckpt, device, etta)
+    return BundleSpec(str(folder), str(ckpt), "cuda:0" if device == "cuda" else device, bool(etta), BundleSpec.freeze(overrides))
+
+
 def segment(
     input_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -122,55 +187,142 @@ def segment(
     overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Run ``bundle``'s inference.json on one volume; write ``output`` (and its stats); return it."""
-    from monai.bundle import ConfigParser
-
-    folder = bundle_dir(bundle, bundles_root)
-    input_path, output = Path(input_path).expanduser().resolve(), Path(output).expanduser().resolve()
-    config_file = folder / "configs" / "inference.json"
-    config = ConfigParser.load_config_file(str(config_file))
-    ckpt = Path(model).resolve() if model else folder / "models" / "model.pt"
-    device = device or ("cuda" if _cuda() else "cpu")
-    check_inputs(input_path, output, ckpt, device, etta, config)
-
     from custom.bundle_utils import inference_datalist
 
+    input_path, output = Path(input_path).expanduser().resolve(), Path(output).expanduser().resolve()
+    check_readable(input_path)
+    if output.is_dir():
+        raise InputError(output, "is a folder", "give a file name such as seg.nii.gz, or a folder name for many cases")
+    check_writable_dir(output.parent)
+    spec = _spec(bundle, model, device, etta, bundles_root, overrides)
     items = inference_datalist(input_path)
     if len(items) != 1:
-        raise InputError(input_path, f"holds {len(items)} volumes; segment takes one",
-                         "give one image file or one DICOM series folder (run the bundle's inference.json for many)")
-
-    with tempfile.TemporaryDirectory(prefix=".segment.", dir=output.parent) as tmp:
-        ckpt_dir = Path(tmp) / "models"
-        ckpt_dir.mkdir()
-        os.symlink(ckpt, ckpt_dir / "model.pt")
-        run_overrides = {
-            "bundle_root": str(folder),
-            "input_path": str(input_path),
-            "output_dir": str(Path(tmp) / "out"),
-            "ckpt_dir": str(ckpt_dir),
-            "device": f"$torch.device('{'cuda:0' if device == 'cuda' else 'cpu'}')",
-            "use_etta": bool(etta),
-            **dict(overrides or {}),
-        }
-        _log(f"{folder.name} on {input_path.name} ({device}{', ETTA' if etta else ''})")
-        from monai.bundle import run
-
-        logging_conf = folder / "configs" / "logging.conf"
-        run(config_file=str(config_file), meta_file=str(folder / "configs" / "metadata.json"),
-            logging_file=str(logging_conf) if logging_conf.is_file() else None, **run_overrides)
-        written = sorted((Path(tmp) / "out").rglob("*.nii.gz"))
-        if len(written) != 1:
-            raise RuntimeError(f"expected one label map from {folder.name}, found {[p.name for p in written]}")
-        if stats:
-            from custom.io import load_image_checked
-
-            table = label_stats(written[0], load_image_checked(input_path), BUNDLES[bundle][1])
-            table.update(input=str(input_path), bundle=folder.name, etta=bool(etta))
-            with atomic_path(stats_path(output)) as tmp_json:
-                tmp_json.write_text(json.dumps(table, indent=2) + "\n")
-        os.replace(written[0], output)
-    _log(f"wrote {output}" + (f" and {stats_path(output).name}" if stats else ""))
+        raise InputError(input_path, f"holds {len(items)} volumes; a .nii.gz output takes one",
+                         "give an output folder instead (-o OUTDIR) to segment them all")
+    _log(f"{Path(spec.folder).name} on {input_path.name} ({spec.device}{', ETTA' if etta else ''})")
+    try:
+        result = segment_case(spec, str(output.parent), items[0]["image"], str(output), stats, bundle)
+    finally:
+        _predictor.cache_clear()
+        _remove_staging(output.parent)
+    if "error" in result:
+        if result["bad_input"]:
+            raise InputError(None, result["error"])
+        raise RuntimeError(f"{result['error']}\n{result['traceback']}")
+    _log(f"wrote {output}" + (f" and {stats_path(output).name}" if stats else "") + f" ({result['seconds']:.1f} s)")
     return output
+
+
+# ---------------------------------------------------------------- a cohort
+def _remove_staging(output_dir: Path) -> None:
+    for leftover in output_dir.glob(".staging.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _is_complete(output: Path, stats: bool) -> bool:
+    return output.is_file() and (not stats or stats_path(output).is_file())
+
+
+def segment_cohort(
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    bundle: str = "btcv",
+    etta: bool = False,
+    device: str | None = None,
+    stats: bool = False,
+    model: str | os.PathLike | None = None,
+    bundles_root: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    workers: int = 1,
+    scheduler: str | None = None,
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Segment every case of ``input_path`` into ``output_dir``; skip complete cases; report bad ones.
+
+    Returns ``{"done": n segmented now, "skipped": n already complete, "errors": [rows], "outputs": [...]}``.
+    ``workers`` <= 1 and no ``scheduler``: in this process; otherwise through :class:`custom.parallel.Executor`
+    (``quiet``: its local workers log nothing below ERROR).
+    """
+    from custom.bundle_utils import inference_datalist
+
+    output_dir = check_writable_dir(Path(output_dir).expanduser().resolve())
+    spec = _spec(bundle, model, device, etta, bundles_root, overrides)
+    items = inference_datalist(Path(input_path).expanduser().resolve(), check=False)
+    cases: dict[str, str] = {}
+    for item in items:
+        name = case_name(item["image"])
+        if name in cases:
+            raise InputError(item["image"], f"two inputs are named {name!r} ({cases[name]})", "give each case a distinct file name")
+        cases[name] = item["image"]
+    outputs = {name: output_dir / f"{name}_seg.nii.gz" for name in cases}
+    todo = [name for name in cases if not _is_complete(outputs[name], stats)]
+    _remove_staging(output_dir)  # what a killed run left half-done
+    _log(f"{Path(spec.folder).name} on {len(cases)} case(s) ({spec.device}{', ETTA' if etta else ''}): "
+         f"{len(cases) - len(todo)} already done, {len(todo)} to segment")
+
+    args = [(spec, str(output_dir), cases[name], str(outputs[name]), stats, bundle) for name in todo]
+    errors: list[dict[str, Any]] = []
+    finished = 0
+    try:
+        if scheduler or workers > 1:
+            from custom.parallel import Executor
+
+            with Executor(workers, scheduler, start_method="spawn", quiet=quiet) as executor:
+                futures = [executor.submit(segment_case, *a) for a in args]
+                for future in executor.as_completed(futures):
+                    finished += 1
+                    _report(future.result(), finished, len(todo), errors)
+        else:
+            for a in args:
+                finished += 1
+                _report(segment_case(*a), finished, len(todo), errors)
+    finally:
+        _predictor.cache_clear()
+        _remove_staging(output_dir)
+    _write_errors(output_dir, errors)
+    if stats:
+        _write_statistics(output_dir, {name: stats_path(outputs[name]) for name in cases})
+    done = finished - len(errors)
+    _log(f"{done} segmented, {len(cases) - len(todo)} skipped, {len(errors)} failed" +
+         (f" (see {output_dir / ERRORS_CSV})" if errors else "") + f"; outputs in {output_dir}")
+    return {"done": done, "skipped": len(cases) - len(todo), "errors": errors,
+            "outputs": [str(outputs[n]) for n in cases if outputs[n].is_file()]}
+
+
+def _report(result: Mapping[str, Any], i: int, n: int, errors: list[dict[str, Any]]) -> None:
+    name = case_name(result["image"])
+    if "error" in result:
+        errors.append({"case": name, "image": result["image"], "error": result["error"], "bad_input": result["bad_input"]})
+        _log(f"{i}/{n} {name}: failed: {result['error']}")
+        if not result["bad_input"]:
+            print(result["traceback"], file=sys.stderr, flush=True)
+    else:
+        _log(f"{i}/{n} {name}: {result['seconds']:.1f} s")
+
+
+def _write_errors(output_dir: Path, errors: Sequence[Mapping[str, Any]]) -> None:
+    """``errors.csv`` lists this run's failed cases; absent when none failed."""
+    path = output_dir / ERRORS_CSV
+    if not errors:
+        path.unlink(missing_ok=True)
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["case", "image", "error"], lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sorted(errors, key=lambda r: r["case"]))
+    atomic_write_text(path, buf.getvalue())
+
+
+def _write_statistics(output_dir: Path, stats_files: Mapping[str, Path]) -> None:
+    """``statistics.csv``: one row per case and structure (``case, id, structure, voxels, volume_ml``)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case", "id", "structure", "voxels", "volume_ml"])
+    for name, path in sorted(stats_files.items()):
+        if path.is_file():
+            for organ, entry in json.loads(path.read_text())["organs"].items():
+                writer.writerow([name, entry["id"], organ, entry["voxels"], entry["volume_ml"]])
+    atomic_write_text(output_dir / STATISTICS_CSV, buf.getvalue())
 
 
 def _cuda() -> bool:
@@ -179,22 +331,43 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _quiet(verbose: bool) -> None:
+    """Without ``--verbose`` only this command's lines reach the terminal (no MONAI/ignite logging or warnings)."""
+    if verbose:
+        return
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+
+
 @cli_main
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> Path | dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m custom.segment", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-i", "--input", required=True, help="NIfTI/NRRD/MHA file or DICOM series folder")
-    parser.add_argument("-o", "--output", required=True, help="label map to write (.nii.gz)")
+    parser.add_argument("-i", "--input", required=True, help="image file, DICOM series folder, folder of images or dataset.json")
+    parser.add_argument("-o", "--output", required=True, help="label map (.nii.gz) for one input, or an output folder")
     parser.add_argument("--bundle", choices=sorted(BUNDLES), default="btcv", help="which Swin-BOB bundle (default btcv)")
     parser.add_argument("--etta", action="store_true", help="entropy test-time adaptation (the bundle's use_etta)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--stats", action="store_true", help="also write per-structure volume (mL) and mean intensity JSON")
+    parser.add_argument("--workers", type=int, default=1, help="local worker processes for a folder (default 1: this process)")
+    parser.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--model", help="weights to use instead of the bundle's models/model.pt")
+    parser.add_argument("--verbose", action="store_true", help="show MONAI's and the libraries' own log lines and warnings")
     parser.add_argument("--bundles_root", help=argparse.SUPPRESS)
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="inference.json overrides, e.g. sw_batch_size=2 (as monai.bundle run takes them)")
     args = parser.parse_args(argv)
-    return segment(args.input, args.output, bundle=args.bundle, etta=args.etta, device=args.device, stats=args.stats,
-                   model=args.model, bundles_root=args.bundles_root, overrides=parse_overrides(args.override))
+    _quiet(args.verbose)
+    kwargs = dict(bundle=args.bundle, etta=args.etta, device=args.device, stats=args.stats, model=args.model,
+                  bundles_root=args.bundles_root, overrides=parse_overrides(args.override))
+    if args.output.endswith(NIFTI_SUFFIXES):
+        if args.workers > 1 or args.scheduler:
+            raise InputError(args.output, "--workers/--scheduler need an output folder", "give -o a folder name")
+        return segment(args.input, args.output, **kwargs)
+    result = segment_cohort(args.input, args.output, workers=args.workers, scheduler=args.scheduler,
+                            quiet=not args.verbose, **kwargs)
+    if any(not e["bad_input"] for e in result["errors"]):
+        raise SystemExit(1)
+    return result
 
 
 if __name__ == "__main__":

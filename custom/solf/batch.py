@@ -25,8 +25,6 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import as_completed as cf_as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from custom.labels import IGNORE_LABEL, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, UKBOB_UNUSED_IDS
+from custom.parallel import Executor
 from custom.solf import cohort
 from custom.solf.features import DEFAULT_MIN_FRACTION, FEATURES, volume_features
 
@@ -206,48 +205,6 @@ def filtered_name(volume: str) -> str:
     """Where a volume's filtered labels go, relative to ``<output_dir>/labels`` (absolute paths flattened)."""
     p = Path(volume)
     return p.as_posix().lstrip("/").replace("../", "up/") if not p.is_absolute() else "abs/" + p.as_posix().lstrip("/")
-
-
-# ---------------------------------------------------------------- executors: one interface, two engines
-class Executor:
-    """``submit(fn, *args)`` and ``as_completed(futures)`` over local processes or a Dask cluster."""
-
-    def __init__(self, workers: int = 0, scheduler: str | None = None):
-        self.scheduler = scheduler
-        if scheduler:
-            try:
-                from distributed import Client
-            except ImportError as exc:  # pragma: no cover - the [dask] extra is part of `make venv`
-                raise RuntimeError("--scheduler needs dask[distributed]: pip install 'swin-bob-bundles[dask]'") from exc
-            self.client = Client(scheduler, timeout=30)
-            self.pool = None
-        else:
-            self.client = None
-            self.pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1)
-
-    def submit(self, fn: Callable, *args: Any) -> Any:
-        if self.client is not None:
-            return self.client.submit(fn, *args, pure=False)
-        return self.pool.submit(fn, *args)
-
-    def as_completed(self, futures: Sequence[Any]) -> Iterator[Any]:
-        if self.client is not None:
-            from distributed import as_completed
-
-            return iter(as_completed(futures))
-        return cf_as_completed(futures)
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        else:
-            self.pool.shutdown(cancel_futures=True)
-
-    def __enter__(self) -> "Executor":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def _map(
