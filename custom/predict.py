@@ -97,11 +97,12 @@ class BundlePredictor:
         self.postprocessing = parser.get_parsed_content("postprocessing")
         self.amp = bool(parser.get_parsed_content("amp")) and self.device.type == "cuda"
 
-    def predict(self, image: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]:
-        """Segment ``image`` (a file or a DICOM series folder) and move the label map to ``output``.
+    def predict(self, image: str | os.PathLike) -> Path:
+        """Segment ``image`` (a file or a DICOM series folder) with the bundle's pipeline.
 
-        Returns ``{"image": the pre-processed input (MetaTensor, C x spatial, on the model grid)}`` for
-        callers that want more from it. Raises :class:`InputError` for a bad input (nothing written).
+        Returns the label map the bundle's writer put in ``staging_dir``; the caller moves it out
+        (``os.replace``: the staging folder is on the output's file system). Raises
+        :class:`InputError` for a bad input.
         """
         from monai.data import decollate_batch, list_data_collate
 
@@ -113,8 +114,7 @@ class BundlePredictor:
         written = [p for p in self.staging_dir.iterdir() if p.name.endswith((".nii.gz", ".nii"))]
         if len(written) != 1:
             raise RuntimeError(f"expected one label map from {Path(self.spec.folder).name}, found {[p.name for p in written]}")
-        os.replace(written[0], output)
-        return {"image": batch["image"][0]}
+        return written[0]
 
 
 def staging_folder(output_dir: str | os.PathLike) -> Path:

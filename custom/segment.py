@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from custom.io import InputError, atomic_path, atomic_write_text, check_readable, check_writable_dir, cli_main, parse_overrides
+from custom.io import InputError, atomic_write_text, check_readable, check_writable_dir, cli_main, parse_overrides
 from custom.labels import BRATS_LABELS, BTCV_LABELS, UKBOB_LABELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,15 +144,14 @@ def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: boo
     """
     start = time.perf_counter()
     try:
-        predictor = _predictor(spec, output_dir)
-        with atomic_path(output) as tmp:
-            predictor.predict(image, tmp)
-            if stats:
-                from custom.io import load_image_checked
+        staged = _predictor(spec, output_dir).predict(image)
+        if stats:
+            from custom.io import load_image_checked
 
-                table = label_stats(tmp, load_image_checked(image), BUNDLES[bundle][1])
-                table.update(input=str(image), bundle=Path(spec.folder).name, etta=bool(spec.etta))
-                atomic_write_text(stats_path(output), json.dumps(table, indent=2) + "\n")
+            table = label_stats(staged, load_image_checked(image), BUNDLES[bundle][1])
+            table.update(input=str(image), bundle=Path(spec.folder).name, etta=bool(spec.etta))
+            atomic_write_text(stats_path(output), json.dumps(table, indent=2) + "\n")
+        os.replace(staged, output)
     except Exception as exc:  # noqa: BLE001 - a bad case is reported, the cohort goes on
         from custom.io import find_input_error
 

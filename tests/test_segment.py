@@ -6,10 +6,12 @@ here), so the tests check the plumbing and the numbers derived from the label ma
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -120,3 +122,92 @@ def test_corrupt_and_wrong_channel_inputs(capsys, tmp_path: Path, ukbob_sample: 
                 "--override", *TINY)
     assert "4 channel(s), the model needs 1" in line
     assert list(tmp_path.iterdir()) == [broken]  # no output, no temporary folder left behind
+
+
+# ---------------------------------------------------------------- cohorts: folder in, folder out
+def _cohort(btcv_sample: Path, folder: Path, names: list[str], bad: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:  # real CT, 122 x 101 x 30 at 3 mm
+        shutil.copy(btcv_sample / "images" / "ct_abdomen_crop.nii.gz", folder / f"{name}.nii.gz")
+    if bad:
+        (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b not really a gzip file")
+    return folder
+
+
+def _run(*argv: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "custom.segment", *argv], capture_output=True, text=True, cwd=REPO, **kwargs)
+
+
+@pytest.mark.slow
+def test_cohort_with_a_bad_file_goes_on_and_reports_it(tiny_model: Path, btcv_sample: Path, tmp_path: Path) -> None:
+    cohort = _cohort(btcv_sample, tmp_path / "in", ["a", "b"], bad=True)
+    out = tmp_path / "out"
+    proc = _run("-i", str(cohort), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--stats", "--override", *TINY)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_seg.json", "a_seg.nii.gz", "b_seg.json", "b_seg.nii.gz", "errors.csv", "statistics.csv"]  # no staging left
+    rows = list(csv.DictReader((out / "errors.csv").open()))
+    assert [(r["case"], Path(r["image"]).name) for r in rows] == [("broken", "broken.nii.gz")]
+    assert "cannot be read as an image" in rows[0]["error"]
+    labels = np.asarray(nib.load(out / "a_seg.nii.gz").dataobj)
+    table = list(csv.DictReader((out / "statistics.csv").open()))
+    assert {r["case"] for r in table} == {"a", "b"}
+    for row in (r for r in table if r["case"] == "a"):
+        assert int(row["voxels"]) == int((labels == int(row["id"])).sum())
+    # quiet: the command's own lines only (one per step and case), nothing on stdout
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert all(line.startswith("[segment] ") for line in lines), lines
+    assert len(lines) == 5  # plan, 3 cases, summary
+
+
+@pytest.mark.slow
+def test_cohort_killed_after_its_first_case_resumes(tiny_model: Path, btcv_sample: Path, tmp_path: Path) -> None:
+    cohort = _cohort(btcv_sample, tmp_path / "in", ["a", "b", "c"])
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "custom.segment", "-i", str(cohort), "-o", str(out), "--model", str(tiny_model),
+            "--device", "cpu", "--override", *TINY]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*_seg.nii.gz")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    first = sorted(out.glob("*_seg.nii.gz"))
+    assert len(first) == 1, "the run was not killed after its first case"
+    stamp = first[0].stat().st_mtime_ns
+
+    rerun = _run(*argv[3:])
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "1 already done, 2 to segment" in rerun.stderr
+    assert first[0].stat().st_mtime_ns == stamp  # not redone
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz", "b_seg.nii.gz", "c_seg.nii.gz"]
+
+
+@pytest.mark.slow
+def test_dask_cluster_gives_the_local_outputs(tiny_model: Path, btcv_sample: Path, tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    from custom.segment import segment_cohort
+
+    cohort = _cohort(btcv_sample, tmp_path / "in", ["a", "b"])
+    local = segment_cohort(cohort, tmp_path / "local", model=tiny_model, device="cpu", overrides=TINY_DICT)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        dask = segment_cohort(cohort, tmp_path / "dask", model=tiny_model, device="cpu", overrides=TINY_DICT,
+                              scheduler=cluster.scheduler_address)
+    assert local["done"] == dask["done"] == 2 and not dask["errors"]
+    for name in ("a_seg.nii.gz", "b_seg.nii.gz"):
+        a, b = nib.load(tmp_path / "local" / name), nib.load(tmp_path / "dask" / name)
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_array_equal(a.affine, b.affine)
+
+
+def test_bad_single_input_prints_only_the_error_line(tiny_model: Path, ukbob_sample: Path, tmp_path: Path) -> None:
+    dixon = ukbob_sample / "images" / "ct_abdomen_crop.nii.gz"  # 4 channels; BTCV takes 1
+    proc = _run("-i", str(dixon), "-o", str(tmp_path / "s.nii.gz"), "--model", str(tiny_model), "--device", "cpu",
+                "--override", *TINY)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "4 channel(s), the model needs 1" in lines[-1]
+    assert all(line.startswith("[segment] ") for line in lines[:-1]), lines

@@ -1,0 +1,88 @@
+"""``custom.inferers``: the streaming sliding window decides the same labels as MONAI's stitched output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+
+from custom.inferers import StreamingSlidingWindowInferer, decide_labels, sliding_window_labels
+from custom.transforms import LogitsToLabels, LogitsToLabelsd
+
+
+@pytest.fixture(scope="module")
+def net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv3d(2, 5, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(5, 5, 3, padding=1)).eval()
+
+
+CASES = [  # input shape, roi, overlap, blending
+    ((1, 2, 40, 33, 70), (16, 16, 16), 0.5, "gaussian"),
+    ((2, 2, 20, 10, 9), (16, 16, 16), 0.25, "constant"),  # smaller than a window: padded, then cropped
+    ((1, 2, 50, 40, 30), (16, 32, 16), 0.0, "gaussian"),
+    ((1, 2, 37, 41, 29), (16, 16, 16), 0.6, "gaussian"),
+]
+
+
+@pytest.mark.parametrize("shape,roi,overlap,mode", CASES)
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_same_labels_as_monai_stitched_output(net, shape, roi, overlap, mode, activation):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = sliding_window_inference(x, roi, 3, net, overlap=overlap, mode=mode)
+        labels = sliding_window_labels(x, roi, 3, net, overlap=overlap, mode=mode, activation=activation)
+    expected = reference.argmax(1, keepdim=True) if activation == "softmax" else reference > 0
+    assert labels.dtype == torch.uint8
+    assert labels.shape == expected.shape
+    assert torch.equal(labels, expected.to(torch.uint8))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_any_stream_axis_and_float16_buffer(net, axis):
+    x = torch.randn((1, 2, 30, 34, 38), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = sliding_window_inference(x, (16, 16, 16), 2, net, overlap=0.5, mode="gaussian").argmax(1, keepdim=True)
+        exact = sliding_window_labels(x, (16, 16, 16), 2, net, overlap=0.5, mode="gaussian", axis=axis)
+        half = sliding_window_labels(x, (16, 16, 16), 2, net, overlap=0.5, mode="gaussian", axis=axis, buffer_dtype=torch.float16)
+    assert torch.equal(exact, expected.to(torch.uint8))
+    assert (half == exact).float().mean() > 0.999  # float16 sums may flip near-ties only
+
+
+def test_inferer_keeps_metadata_for_invertd(net):
+    affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0]))
+    x = MetaTensor(torch.randn(1, 2, 20, 20, 20), affine=affine, meta={"filename_or_obj": "case.nii.gz"})
+    with torch.no_grad():
+        out = StreamingSlidingWindowInferer(roi_size=16, sw_batch_size=2, overlap=0.25)(x, net)
+    assert isinstance(out, MetaTensor) and out.shape == (1, 1, 20, 20, 20)
+    assert torch.equal(out.affine, affine) and out.meta["filename_or_obj"] == "case.nii.gz"
+
+
+def test_only_about_one_window_of_scores_is_held(net, monkeypatch):
+    """The largest stitching buffer is one window deep along the streamed axis, not the volume."""
+    sizes = []
+    original = torch.zeros
+
+    def spy(*args, **kwargs):
+        t = original(*args, **kwargs)
+        if t.dtype == torch.float32 and t.ndim == 5:
+            sizes.append(t.shape)
+        return t
+
+    x = torch.randn(1, 2, 24, 24, 96)
+    monkeypatch.setattr(torch, "zeros", spy)
+    with torch.no_grad():
+        sliding_window_labels(x, 16, 4, net, overlap=0.5)
+    monkeypatch.undo()
+    assert sizes and max(s[-1] for s in sizes) <= 8  # slabs between window edges (16 * 0.5), never 96 deep
+
+
+def test_decide_and_logits_to_labels():
+    scores = torch.tensor([[[[[0.2]]], [[[1.5]]], [[[-3.0]]]]])  # (1, 3, 1, 1, 1)
+    assert decide_labels(scores, "softmax").item() == 1
+    assert decide_labels(scores, "sigmoid").flatten().tolist() == [1, 1, 0]
+    assert LogitsToLabels("softmax")(scores[0]).flatten().tolist() == [1]
+    already = torch.full((1, 2, 2, 2), 7, dtype=torch.uint8)
+    assert LogitsToLabelsd("pred")({"pred": already})["pred"] is already  # labels from the streaming inferer pass through
+    with pytest.raises(ValueError, match="softmax"):
+        LogitsToLabels("relu")
