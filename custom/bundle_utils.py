@@ -190,9 +190,23 @@ class OrganMetricsWriter:
 
     def _write(self, engine: Engine) -> None:
         details = engine.state.metric_details
+        order = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # MONAI gathers every rank's metric values, rank by rank: gather the case names the same way
+            per_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, self.cases)
+            if torch.distributed.get_rank() != 0:
+                return
+            self.cases = [case for cases in per_rank for case in cases]
+            # DistributedSampler(shuffle=False) deals dataset case i to rank i % world: back to dataset order
+            order = [r + j * len(per_rank) for r, cases in enumerate(per_rank) for j in range(len(cases))]
         if not details:
             return
         header, rows = self.rows(details)
+        if order is not None:
+            n_classes = len(rows) // max(len(order), 1)
+            blocks = [rows[i * n_classes : (i + 1) * n_classes] for i in range(len(order))]
+            rows = [row for _, block in sorted(zip(order, blocks), key=lambda pair: pair[0]) for row in block]
         check_writable_dir(self.output_dir)
         atomic_write_text(self.output_dir / "metrics_per_case.csv", _csv([header, *rows]))
         atomic_write_text(self.output_dir / "metrics_summary.csv", _csv(summarise(header, rows)))
