@@ -120,8 +120,12 @@ def segment(
     model: str | os.PathLike | None = None,
     bundles_root: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
+    output_type: str = "nifti",
 ) -> Path:
-    """Run ``bundle``'s inference.json on one volume; write ``output`` (and its stats); return it."""
+    """Run ``bundle``'s inference.json on one volume; write ``output`` (and its stats); return it.
+
+    ``output_type="dicom_seg"``: ``input_path`` must be a DICOM series folder and ``output`` a ``.dcm``
+    file; the label map is written as a DICOM-SEG of that series (``custom.dicom_seg``)."""
     from monai.bundle import ConfigParser
 
     folder = bundle_dir(bundle, bundles_root)
@@ -130,7 +134,11 @@ def segment(
     config = ConfigParser.load_config_file(str(config_file))
     ckpt = Path(model).resolve() if model else folder / "models" / "model.pt"
     device = device or ("cuda" if _cuda() else "cpu")
-    check_inputs(input_path, output, ckpt, device, etta, config)
+    if output_type == "dicom_seg":
+        from custom.dicom_seg import check_request
+
+        check_request(input_path, output)  # a series folder in, .dcm out; the NIfTI checks below on its stand-in
+    check_inputs(input_path, output if output_type == "nifti" else output.with_suffix(".nii.gz"), ckpt, device, etta, config)
 
     from custom.bundle_utils import inference_datalist
 
@@ -168,7 +176,14 @@ def segment(
             table.update(input=str(input_path), bundle=folder.name, etta=bool(etta))
             with atomic_path(stats_path(output)) as tmp_json:
                 tmp_json.write_text(json.dumps(table, indent=2) + "\n")
-        os.replace(written[0], output)
+        if output_type == "dicom_seg":
+            from custom.dicom_seg import nifti_to_dicom_seg
+
+            meta = ConfigParser.load_config_file(str(folder / "configs" / "metadata.json"))
+            nifti_to_dicom_seg(written[0], input_path, output, BUNDLES[bundle][1], algorithm=folder.name,
+                               version=str(meta.get("version", "")))
+        else:
+            os.replace(written[0], output)
     _log(f"wrote {output}" + (f" and {stats_path(output).name}" if stats else ""))
     return output
 
@@ -189,12 +204,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--stats", action="store_true", help="also write per-structure volume (mL) and mean intensity JSON")
     parser.add_argument("--model", help="weights to use instead of the bundle's models/model.pt")
+    parser.add_argument("--output_type", choices=("nifti", "dicom_seg"), default="nifti",
+                        help="dicom_seg: a DICOM-SEG (.dcm) of the input DICOM series (default nifti)")
     parser.add_argument("--bundles_root", help=argparse.SUPPRESS)
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="inference.json overrides, e.g. sw_batch_size=2 (as monai.bundle run takes them)")
     args = parser.parse_args(argv)
     return segment(args.input, args.output, bundle=args.bundle, etta=args.etta, device=args.device, stats=args.stats,
-                   model=args.model, bundles_root=args.bundles_root, overrides=parse_overrides(args.override))
+                   model=args.model, bundles_root=args.bundles_root, overrides=parse_overrides(args.override),
+                   output_type=args.output_type)
 
 
 if __name__ == "__main__":
