@@ -202,6 +202,15 @@ def nifti_to_dicom_seg(nifti: str | os.PathLike, series_dir: str | os.PathLike, 
     return write_dicom_seg(np.asarray(img.dataobj), img.affine, series_dir, output, names, **kwargs)
 
 
+def bundle_version(metadata_file: str | os.PathLike | None) -> str:
+    """A bundle's ``version`` from its ``metadata.json`` (``"unknown"`` without one), for the SEG's algorithm identification."""
+    import json
+
+    if metadata_file and Path(metadata_file).is_file():
+        return str(json.loads(Path(metadata_file).read_text()).get("version", "unknown"))
+    return "unknown"
+
+
 def check_request(input_path: str | os.PathLike, output: str | os.PathLike) -> None:
     """What ``--output_type dicom_seg`` needs before any network runs: a series folder in, ``.dcm`` out."""
     read_series(input_path)
@@ -217,9 +226,10 @@ class SaveDicomSeg(Transform):
     """
 
     def __init__(self, output_dir: str | os.PathLike, names: Mapping[int, str], output_postfix: str = "seg",
-                 algorithm: str = "swin_bob", version: str = "0.1.0") -> None:
+                 algorithm: str = "swin_bob", version: str | None = None,
+                 metadata_file: str | os.PathLike | None = None) -> None:
         self.output_dir, self.names, self.output_postfix = Path(output_dir), names, output_postfix
-        self.algorithm, self.version = algorithm, version
+        self.algorithm, self.version = algorithm, version or bundle_version(metadata_file)
 
     def __call__(self, label: Any, series_dir: str | os.PathLike | None = None) -> Path:
         meta = getattr(label, "meta", {})
@@ -241,9 +251,10 @@ class SaveDicomSegd(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection, output_dir: str | os.PathLike, names: Mapping[int, str],
-                 output_postfix: str = "seg", algorithm: str = "swin_bob", version: str = "0.1.0") -> None:
+                 output_postfix: str = "seg", algorithm: str = "swin_bob", version: str | None = None,
+                 metadata_file: str | os.PathLike | None = None) -> None:
         super().__init__(keys)
-        self.writer = SaveDicomSeg(output_dir, names, output_postfix, algorithm, version)
+        self.writer = SaveDicomSeg(output_dir, names, output_postfix, algorithm, version, metadata_file)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

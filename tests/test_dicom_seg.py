@@ -184,3 +184,25 @@ def test_segment_cli_writes_dicom_seg(series: Path, btcv_sample: Path, tmp_path:
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "needs a DICOM series folder" in bad.stderr and not (tmp_path / "b.dcm").exists()
+
+
+@pytest.mark.slow
+def test_bundle_inference_output_type_dicom_seg(series: Path, tmp_path: Path) -> None:
+    import torch
+    from monai.bundle import run
+    from monai.networks.nets import SwinUNETR
+
+    bundle = REPO / "bundles" / "swin_bob_btcv"
+    (tmp_path / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save({"model": SwinUNETR(in_channels=1, out_channels=14, feature_size=12).state_dict()},
+               tmp_path / "models" / "model.pt")
+    run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), input_path=str(series),
+        output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), output_type="dicom_seg",
+        device="$torch.device('cpu')", feature_size=12, roi_size=[64, 64, 64], pixdim=[6, 6, 6], sw_batch_size=1)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ct_dicom_seg.dcm"]  # no NIfTI beside it
+    seg = pydicom.dcmread(tmp_path / "out" / "ct_dicom_seg.dcm")
+    assert seg.Modality == "SEG" and seg.SegmentSequence[0].SegmentAlgorithmName == "swin_bob_btcv"
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "0.1.0"  # metadata.json
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(
+        next(series.iterdir()), stop_before_pixels=True).SeriesInstanceUID

@@ -1,7 +1,8 @@
 """MONAI Label serves the three bundles: a real server in its own venv, driven over its REST API.
 
-Run with ``make test-label`` (builds ``.venv-label`` with ``scripts/label_env.sh`` first);
-``make test`` deselects this file (marker ``label``).
+The server tests (marker ``label``) run with ``make test-label`` (it builds ``.venv-label`` with
+``scripts/label_env.sh`` first); ``make test`` deselects them and runs the two tests without a
+server: the bundles' pipeline on a data dict as MONAI Label 0.8.5 builds it, in this venv's MONAI.
 
 The bundles are exported with ``custom.export_bundle`` into the ``monaibundle`` sample app's
 ``model/`` folder (local bundles, so nothing is downloaded), then made small for a CPU
@@ -28,8 +29,6 @@ import numpy as np
 import pytest
 
 from custom.export_bundle import export_bundle
-
-pytestmark = pytest.mark.label
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_VENV = Path(os.environ.get("SWIN_BOB_LABEL_VENV", REPO / ".venv-label"))
@@ -136,6 +135,7 @@ def server(btcv_sample: Path, tmp_path_factory: pytest.TempPathFactory):
         log.close()
 
 
+@pytest.mark.label
 def test_three_bundles_load(server) -> None:
     info = server["info"]
     assert PRESENT == list(BUNDLES)
@@ -149,6 +149,7 @@ def test_three_bundles_load(server) -> None:
         (server["app"] / "model/swin_bob_btcv/configs/metadata.json").read_text())["version"]
 
 
+@pytest.mark.label
 def test_segment_ct_with_btcv(server, btcv_sample: Path) -> None:
     body = _call(server, "/infer/swin_bob_btcv?image=ct_abdomen&output=image", {"device": "cpu"}, form=True)
     tmp = server["studies"].parent / "ct_abdomen_seg.nii.gz"
@@ -161,6 +162,7 @@ def test_segment_ct_with_btcv(server, btcv_sample: Path) -> None:
     assert set(ids.tolist()) <= set(range(14)) and len(ids) >= 1
 
 
+@pytest.mark.label
 def test_one_training_epoch(server) -> None:
     import torch
 
@@ -174,3 +176,86 @@ def test_one_training_epoch(server) -> None:
     served = torch.load(models / "model.pt", weights_only=True)["model"]
     assert served.keys() == ckpt["model"].keys()
     assert any(not torch.equal(served[k], ckpt["model"][k]) for k in served)  # one optimiser step happened
+
+
+# ---------------------------------------------------------------- without a server (make test)
+# What MONAI Label 0.8.5 puts into the data dict of an inference request (monailabel/tasks/infer/
+# basic_infer.py ``__call__``: the task config + the request + ``image_path``; interfaces/app.py
+# ``infer``: ``description``, ``save_label``; endpoints/infer.py: ``model``, ``image`` and the params).
+def _label_request(image: str, bundle: str) -> dict:
+    return {"model": bundle, "image": image, "image_path": image, "device": "cpu", "description": "",
+            "save_label": False, "model_filename": ["model.pt"], "use_etta": False}
+
+
+def _label_parser(bundle: str):
+    """The bundle's inference.json as MONAI Label's BundleInferTask reads it, made tiny."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
+    parser.config.update({"bundle_root": str(REPO / "bundles" / bundle),
+                          **{k: v for k, v in TINY.items() if k in parser.config}})
+    return parser
+
+
+def _label_preprocessing(parser) -> list:
+    from monai.transforms import LoadImaged
+
+    pre = list(parser.get_parsed_content("preprocessing", instantiate=True).transforms)
+    for t in pre:
+        if isinstance(t, LoadImaged):
+            t._loader.image_only = False  # as BundleInferTask.pre_transforms does
+    return pre
+
+
+@pytest.mark.parametrize("bundle,image", [
+    ("swin_bob_btcv", "btcv_sample/images/ct_abdomen_crop.nii.gz"),
+    ("swin_bob_ukbob", "ukbob_sample/images/ct_abdomen_crop.nii.gz"),
+    ("swin_bob_brats", "brats_sample/images/brain2.nii.gz"),
+])
+def test_preprocessing_takes_monai_label_keys(bundle: str, image: str, btcv_sample: Path, ukbob_sample: Path,
+                                              brats_sample: Path) -> None:
+    from monai.transforms import Compose, Spacingd
+
+    path = str(btcv_sample.parent / image)
+    pre = _label_preprocessing(_label_parser(bundle))
+    out = Compose(pre)(_label_request(path, bundle))
+    assert out["image_path"] == path and out["image_meta_dict"]["filename_or_obj"] == path
+    assert out["image"].pixdim.tolist() == pytest.approx(TINY["pixdim"])
+    # MONAI 1.6's own Spacingd is what crashed on the same dict (it .update()s every image_* entry)
+    plain = [Spacingd(keys="image", pixdim=TINY["pixdim"]) if type(t).__name__ == "SafeSpacingd" else t for t in pre]
+    with pytest.raises(RuntimeError, match="Spacingd"):
+        Compose(plain)(_label_request(path, bundle))
+
+
+def test_btcv_inference_on_a_monai_label_request(btcv_sample: Path) -> None:
+    """pre-processing -> inferer -> post-processing (less SaveImaged, as MONAI Label filters it) of the
+    BTCV bundle on MONAI Label's data dict; ``use_etta`` switched through ``displayable_configs``."""
+    import torch
+    from monai.transforms import Compose, SaveImaged
+
+    from custom.etta import EntropyTTAInferer
+
+    parser = _label_parser("swin_bob_btcv")
+    options = parser.get_parsed_content("displayable_configs", instantiate=True)
+    assert options == {"use_etta": False}  # what MONAI Label shows the client
+    path = str(btcv_sample / "images" / "ct_abdomen_crop.nii.gz")
+    request = _label_request(path, "swin_bob_btcv")
+    data = Compose(_label_preprocessing(parser))(request)
+    net = parser.get_parsed_content("network_def").eval()
+    inferer = parser.get_parsed_content("inferer")
+    with torch.no_grad():
+        data["pred"] = inferer(data["image"][None], net)[0]
+    post = [t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)]
+    out = Compose(post)(data)
+    assert tuple(out["pred"].shape) == (1, 122, 101, 30)  # back on the input grid
+    assert set(torch.unique(out["pred"]).tolist()) <= set(range(14))
+    assert out["image_path"] == path
+
+    # the client's choice: BundleInferTask writes it into displayable_configs and re-parses
+    parser["displayable_configs"].update({"use_etta": True})
+    parser.parse()
+    assert isinstance(parser.get_parsed_content("inferer"), EntropyTTAInferer)
+    cli = _label_parser("swin_bob_btcv")
+    cli["use_etta"] = True  # `--use_etta true` on the command line still works
+    assert isinstance(cli.get_parsed_content("inferer"), EntropyTTAInferer)
