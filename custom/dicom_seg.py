@@ -202,6 +202,37 @@ def nifti_to_dicom_seg(nifti: str | os.PathLike, series_dir: str | os.PathLike, 
     return write_dicom_seg(np.asarray(img.dataobj), img.affine, series_dir, output, names, **kwargs)
 
 
+def dcmqi_label_info(ids: Sequence[int], names: Mapping[int, str], algorithm: str = "swin_bob") -> list[dict[str, Any]]:
+    """MONAI Label's ``label_info`` for saving a label map as DICOM-SEG: one entry per id (ascending,
+    as MONAI Label pairs them with the map's unique ids), each with the dcmqi ``segmentAttribute``
+    carrying the coded concept and colour of ``custom.labels.SEGMENT_CODES``.
+
+    MONAI Label's DICOMweb datastore writes a label saved with tag ``final`` through dcmqi's
+    ``itkimage2segimage``; without these attributes every segment gets the same placeholder code.
+    """
+
+    def item(code: tuple[str, str, str]) -> dict[str, str]:
+        return {"CodingSchemeDesignator": code[0], "CodeValue": code[1], "CodeMeaning": code[2]}
+
+    info = []
+    for label_id in sorted(int(i) for i in ids):
+        name = names[label_id]
+        code = SEGMENT_CODES[name]
+        attribute = {
+            "labelID": label_id, "SegmentLabel": name, "SegmentDescription": code.type[2],
+            "SegmentAlgorithmType": "AUTOMATIC", "SegmentAlgorithmName": algorithm,
+            "SegmentedPropertyCategoryCodeSequence": item(code.category),
+            "SegmentedPropertyTypeCodeSequence": item(code.type),
+            "recommendedDisplayRGBValue": list(code.rgb),
+        }
+        if code.modifier:
+            attribute["SegmentedPropertyTypeModifierCodeSequence"] = item(code.modifier)
+        if code.region:
+            attribute["AnatomicRegionSequence"] = item(code.region)
+        info.append({"name": name, "color": list(code.rgb), "model_name": algorithm, "segmentAttribute": attribute})
+    return info
+
+
 def bundle_version(metadata_file: str | os.PathLike | None) -> str:
     """A bundle's ``version`` from its ``metadata.json`` (``"unknown"`` without one), for the SEG's algorithm identification."""
     import json
