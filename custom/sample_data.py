@@ -7,7 +7,8 @@ datasets (``dataset.json`` with ``training`` / ``validation`` / ``test``, paths 
 dataset folder):
 
 - ``btcv_sample``: the real CTs relabelled to the 14 BTCV classes (the DICOM series converted to
-  NIfTI; the series folder itself is kept for DICOM inference), plus the real MR for domain shift.
+  NIfTI; the series folder itself is kept for DICOM inference, with the four UIDs its anonymisation
+  emptied filled in deterministically: :func:`standard_dicom_series`), plus the real MR for domain shift.
 - ``ukbob_sample``: the same anatomy relabelled to the 73 UKBOB classes, with four Dixon-like
   channels derived from CT (see that folder's README: how, and why it is not real Dixon MRI).
 - ``brats_sample``: real T1 post-contrast brain MRI from pyradiomics' BSD-3 sdist with derived
