@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export SWIN_BOB_DATA ?= $(HOME)/.cache/swin_bob
 PYTEST_ARGS ?=
 
-.PHONY: venv data demo test test-label bench clean
+.PHONY: venv data demo test test-label label-system bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,13 @@ test: data
 .venv-label/.installed: scripts/label_env.sh scripts/label_constraints.txt
 	scripts/label_env.sh .venv-label
 
-test-label: data .venv-label/.installed
+# Orthanc (+ DICOMweb, GDCM plugins) and dicom3tools from Debian for the PACS round trip (root or sudo)
+label-system:
+	scripts/label_system.sh
+
+test-label: data .venv-label/.installed label-system
 	$(PY) -m pytest -q -m label tests/test_monai_label.py
+	$(PY) -m pytest -q tests/test_dicom_seg.py -k dciodvfy  # the DICOM-SEG check that needs dicom3tools
 
 bench: data
 	@for b in benchmarks/*.py; do echo "# $$b"; $(PY) $$b || exit 1; done

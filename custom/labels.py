@@ -257,6 +257,144 @@ def sync_metadata(bundles_dir: str | Path = Path(__file__).resolve().parents[1] 
     return differ
 
 
+# ---------------------------------------------------------------- DICOM-SEG coded concepts
+# Source: TotalSegmentator 2.18.0 (Apache-2.0), totalsegmentator/resources/totalsegmentator_snomed_mapping.csv
+# in the sdist that custom.sample_data fetches: SNOMED CT (scheme SCT) segmented property category
+# and type, laterality modifier, anatomic region and display colour per structure. Three UKBOB names
+# take the row of TotalSegmentator's equivalent class: muscle <- skeletal_muscle, inner_fat <-
+# torso_fat (fat of the trunk that is not subcutaneous), vertebra_body <- vertebrae_body. One typo of
+# the source is corrected ("Gluteus minius muscle" -> "Gluteus minimus muscle").
+# Columns: name, category code, type code, modifier (L = 7771000 Left, R = 24028007 Right, - none),
+# anatomic region code (-: none), RGB, type meaning.
+_SNOMED_TABLE = """
+spleen                        123037004 78961009  - -        50,170,60   Spleen
+kidney_right                  123037004 64033007  R -        34,102,136  Kidney
+kidney_left                   123037004 64033007  L -        46,138,184  Kidney
+gallbladder                   123037004 28231008  - -        54,216,119  Gallbladder
+liver                         123037004 10200004  - -        40,140,40   Liver
+stomach                       123037004 69695003  - -        180,70,160  Stomach
+pancreas                      123037004 15776009  - -        60,150,80   Pancreas
+adrenal_gland_right           123037004 23451007  R -        178,128,26  Adrenal gland
+adrenal_gland_left            123037004 23451007  L -        241,172,34  Adrenal gland
+lung_upper_lobe_left          123037004 45653009  L -        71,232,244  Upper lobe of lung
+lung_lower_lobe_left          123037004 90572001  L -        34,195,207  Lower lobe of lung
+lung_upper_lobe_right         123037004 45653009  R -        100,218,227 Upper lobe of lung
+lung_middle_lobe_right        123037004 72481006  - -        63,181,190  Middle lobe of right lung
+lung_lower_lobe_right         123037004 90572001  R -        26,144,153  Lower lobe of lung
+esophagus                     123037004 32849002  - -        190,90,170  Esophagus
+trachea                       123037004 44567001  - -        0,180,200   Trachea
+thyroid_gland                 123037004 69748006  - -        250,210,60  Thyroid gland
+duodenum                      123037004 38848004  - -        170,80,190  Duodenum
+urinary_bladder               123037004 89837001  - -        54,94,216   Urinary bladder
+prostate                      123037004 41216001  - -        91,253,156  Prostate
+sacrum                        123037004 54735007  - -        100,216,54  Sacrum
+heart                         123037004 80891009  - -        180,0,40    Heart
+aorta                         123037004 15825003  - -        216,108,54  Aorta
+pulmonary_vein                123037004 122972007 - -        37,107,237  Pulmonary vein
+brachiocephalic_trunk         123037004 12691009  - -        190,10,10   Brachiocephalic artery
+subclavian_artery_right       123037004 29700009  R -        162,26,26   Subclavian artery
+subclavian_artery_left        123037004 29700009  L -        218,34,34   Subclavian artery
+common_carotid_artery_right   123037004 32062004  R -        170,17,17   Common carotid artery
+common_carotid_artery_left    123037004 32062004  L -        230,23,23   Common carotid artery
+brachiocephalic_vein_left     123037004 8887007   L -        0,92,241    Brachiocephalic vein
+brachiocephalic_vein_right    123037004 8887007   R -        0,68,178    Brachiocephalic vein
+atrial_appendage_left         123037004 68786006  L -        68,248,62   Auricular appendage
+superior_vena_cava            123037004 48345005  - -        74,144,18   Superior vena cava
+inferior_vena_cava            123037004 64131007  - -        0,70,200    Inferior vena cava
+portal_vein_and_splenic_vein  123037004 110765007 - -        0,90,220    Portal vein and splenic vein
+iliac_artery_left             123037004 73634005  L -        218,0,0     Common iliac artery
+iliac_artery_right            123037004 73634005  R -        162,0,0     Common iliac artery
+iliac_vena_left               123037004 46027005  L -        0,92,230    Common iliac vein
+iliac_vena_right              123037004 46027005  R -        0,68,170    Common iliac vein
+humerus_left                  123037004 85050009  L -        71,62,248   Humerus
+humerus_right                 123037004 85050009  R -        115,46,184  Humerus
+scapula_left                  123037004 79601000  L -        253,230,195 Scapula
+scapula_right                 123037004 79601000  R -        187,170,144 Scapula
+clavicula_left                123037004 51299004  L -        255,236,201 Clavicle
+clavicula_right               123037004 51299004  R -        191,174,149 Clavicle
+femur_left                    123037004 71341001  L -        248,212,62  Femur
+femur_right                   123037004 71341001  R -        46,184,60   Femur
+hip_left                      123037004 29836001  L -        230,248,62  Hip
+hip_right                     123037004 29836001  R -        184,46,184  Hip
+spinal_cord                   123037004 2748008   - -        255,215,0   Spinal cord
+gluteus_maximus_left          123037004 181674001 L -        253,115,34  Gluteus maximus muscle
+gluteus_maximus_right         123037004 181674001 R -        187,85,26   Gluteus maximus muscle
+gluteus_medius_left           123037004 78333006  L -        255,126,46  Gluteus medius muscle
+gluteus_medius_right          123037004 78333006  R -        196,94,34   Gluteus medius muscle
+gluteus_minimus_left          123037004 75297007  L -        255,138,57  Gluteus minimus muscle
+gluteus_minimus_right         123037004 75297007  R -        204,102,42  Gluteus minimus muscle
+autochthon_left               123037004 244849004 L -        241,126,57  Deep muscle of back
+autochthon_right              123037004 244849004 R -        178,94,42   Deep muscle of back
+iliopsoas_left                123037004 68455001  L -        230,115,46  Iliopsoas muscle
+iliopsoas_right               123037004 68455001  R -        170,85,34   Iliopsoas muscle
+sternum                       123037004 56873002  - -        215,195,165 Sternum
+costal_cartilages             123037004 50016007  - -        250,220,190 Costal cartilage
+subcutaneous_fat              85756007  67769002  - -        255,242,178 Subcutaneous fatty tissue
+muscle                        123037004 127954009 - -        230,130,40  Skeletal muscle
+inner_fat                     85756007  55603005  - 22943007 250,235,160 Fat
+vertebra_body                 123037004 3572006   - -        190,160,130 Vertebral body
+"""
+#: UKBOB name -> the TotalSegmentator class whose row the table takes (the names differ).
+SEGMENT_CODE_ALIASES: Mapping[str, str] = MappingProxyType(
+    {"muscle": "skeletal_muscle", "inner_fat": "torso_fat", "vertebra_body": "vertebrae_body"}
+)
+#: SNOMED CT category codes that the table uses -> meaning.
+_SCT_CATEGORIES = {"123037004": "Anatomical Structure", "85756007": "Tissue", "49755003": "Morphologically Altered Structure"}
+_SCT_MODIFIERS = {"L": ("7771000", "Left"), "R": ("24028007", "Right")}
+_SCT_REGIONS = {"22943007": "Trunk"}
+#: Private coding scheme (DICOM PS3.16 8.2: designators beginning with "99") for structures without a
+#: SNOMED CT row in the source; values are stable, never reused.
+PROJECT_CODING_SCHEME = "99SWINBOB"
+#: name -> (category code, project code value, meaning, RGB); BraTS sub-regions are morphologically
+#: altered structures, the rest anatomical structures or tissue.
+_PROJECT_CODES = {
+    "intestine": ("123037004", "SB001", "Intestine (small bowel and colon)", (160, 60, 180)),
+    "IVD": ("123037004", "SB002", "Intervertebral disc", (200, 190, 120)),
+    "vertebra_posterior_elements": ("123037004", "SB003", "Posterior elements of vertebra", (170, 140, 110)),
+    "spinal_channel": ("123037004", "SB004", "Spinal canal", (240, 200, 40)),
+    "bone_other": ("123037004", "SB005", "Other bone", (225, 210, 180)),
+    "NCR": ("49755003", "SB101", "Necrotic tumour core", (255, 0, 0)),
+    "ED": ("49755003", "SB102", "Peritumoural oedema", (0, 200, 0)),
+    "ET": ("49755003", "SB103", "Enhancing tumour", (255, 220, 0)),
+}
+
+
+@dataclass(frozen=True)
+class SegmentCode:
+    """Coded concept and colour of one structure for a DICOM-SEG segment.
+
+    Codes are ``(coding scheme designator, code value, code meaning)`` triples; ``modifier`` is the
+    laterality and ``region`` the anatomic region (``None`` when the concept needs none).
+    """
+
+    category: tuple[str, str, str]
+    type: tuple[str, str, str]
+    modifier: tuple[str, str, str] | None
+    region: tuple[str, str, str] | None
+    rgb: tuple[int, int, int]
+
+
+def _segment_codes() -> dict[str, SegmentCode]:
+    codes = {}
+    for line in _SNOMED_TABLE.strip().splitlines():
+        name, category, value, modifier, region, rgb, meaning = line.split(maxsplit=6)
+        codes[name] = SegmentCode(
+            ("SCT", category, _SCT_CATEGORIES[category]),
+            ("SCT", value, meaning),
+            ("SCT", *_SCT_MODIFIERS[modifier]) if modifier != "-" else None,
+            ("SCT", region, _SCT_REGIONS[region]) if region != "-" else None,
+            tuple(int(v) for v in rgb.split(",")),
+        )
+    for name, (category, value, meaning, rgb) in _PROJECT_CODES.items():
+        codes[name] = SegmentCode(("SCT", category, _SCT_CATEGORIES[category]),
+                                  (PROJECT_CODING_SCHEME, value, meaning), None, None, rgb)
+    return codes
+
+
+#: structure name (UKBOB, BTCV and BraTS label names) -> :class:`SegmentCode`.
+SEGMENT_CODES: Mapping[str, SegmentCode] = MappingProxyType(_segment_codes())
+
+
 if __name__ == "__main__":
     import fire
 

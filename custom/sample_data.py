@@ -7,7 +7,8 @@ datasets (``dataset.json`` with ``training`` / ``validation`` / ``test``, paths 
 dataset folder):
 
 - ``btcv_sample``: the real CTs relabelled to the 14 BTCV classes (the DICOM series converted to
-  NIfTI; the series folder itself is kept for DICOM inference), plus the real MR for domain shift.
+  NIfTI; the series folder itself is kept for DICOM inference, with the four UIDs its anonymisation
+  emptied filled in deterministically: :func:`standard_dicom_series`), plus the real MR for domain shift.
 - ``ukbob_sample``: the same anatomy relabelled to the 73 UKBOB classes, with four Dixon-like
   channels derived from CT (see that folder's README: how, and why it is not real Dixon MRI).
 - ``brats_sample``: real T1 post-contrast brain MRI from pyradiomics' BSD-3 sdist with derived
@@ -304,6 +305,14 @@ field of view.
 
 `mr_abdomen` is listed under the extra key `mr` of `dataset.json`: a real MR with labels shared
 with BTCV, for domain-shift tests (ETTA). Images are stored as float32 (HU for CT).
+
+`dicom/ct_dicom/` is the source series with four UIDs filled in, because its anonymisation left them
+empty and a PACS (Orthanc) refuses such files and a DICOM-SEG cannot reference them: `SOPClassUID` =
+CT Image Storage (1.2.840.10008.5.1.4.1.1.2), `SOPInstanceUID` = the file meta's
+`MediaStorageSOPInstanceUID` (the UID in the file name), `StudyInstanceUID` and `SeriesInstanceUID`
+= pydicom's `generate_uid` (root 1.2.826.0.1.3680043.8.498.) from the series' own
+`FrameOfReferenceUID` (`custom.sample_data.sample_series_uids`), so they are the same on every
+machine. Pixel data (JPEG 2000 lossless, as shipped), geometry and every other element are the source's.
 """
 
 _UKBOB_README = """# ukbob_sample: real anatomy, 73 UKBOB classes, four Dixon-like channels
@@ -328,6 +337,45 @@ the kind SOLF exists for.
 """
 
 
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def sample_series_uids(frame_of_reference_uid: str) -> tuple[str, str]:
+    """(StudyInstanceUID, SeriesInstanceUID) of the sample series: pydicom's UID root plus a hash of
+    the series' own FrameOfReferenceUID, so every machine derives the same two UIDs."""
+    from pydicom.uid import generate_uid
+
+    return (generate_uid(entropy_srcs=["swin_bob sample study", frame_of_reference_uid]),
+            generate_uid(entropy_srcs=["swin_bob sample series", frame_of_reference_uid]))
+
+
+def standard_dicom_series(src: Path, dst: Path) -> list[Path]:
+    """Copy a CT series from ``src`` to ``dst`` with the UIDs its anonymisation emptied filled in.
+
+    TotalSegmentator's ``example_ct_dicom`` has empty ``SOPClassUID``, ``SOPInstanceUID``,
+    ``StudyInstanceUID`` and ``SeriesInstanceUID``: a PACS refuses such files and a DICOM-SEG cannot
+    reference them. Each file gets CT Image Storage, its own file meta's ``MediaStorageSOPInstanceUID``
+    (the UID its file name carries) as ``SOPInstanceUID``, and the study / series UIDs of
+    :func:`sample_series_uids`. Every other element, the pixel data (still JPEG 2000 lossless) and the
+    geometry stay as they are. Returns the written files, sorted.
+    """
+    import pydicom
+
+    dst.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in sorted(p for p in src.iterdir() if p.is_file()):
+        ds = pydicom.dcmread(path)
+        meta = ds.file_meta
+        if meta.MediaStorageSOPClassUID != CT_IMAGE_STORAGE or not meta.MediaStorageSOPInstanceUID:
+            raise InputError(path, "not a CT image with a SOP instance UID in its file meta", "report this")
+        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = sample_series_uids(ds.FrameOfReferenceUID)
+        ds.save_as(dst / path.name, enforce_file_format=True)
+        written.append(dst / path.name)
+    return written
+
+
 def build_btcv_sample(root: Path, raw: Path) -> Path:
     cases = _ct_cases(raw, L.TOTALSEG_TOTAL_TO_BTCV, L.BTCV_NUM_CLASSES - 1)
     folder = write_dataset(
@@ -347,9 +395,8 @@ def build_btcv_sample(root: Path, raw: Path) -> Path:
         },
         _BTCV_README,
     )
-    # the series as a folder too, for inference straight from DICOM
-    dicom_dst = folder / "dicom" / "ct_dicom"
-    shutil.copytree(raw / DICOM_DIR, dicom_dst)
+    # the series as a folder too, for inference straight from DICOM, with the UIDs a PACS needs
+    standard_dicom_series(raw / DICOM_DIR, folder / "dicom" / "ct_dicom")
     datalist = json.loads((folder / "dataset.json").read_text())
     datalist["test"].append({"image": "dicom/ct_dicom"})
     atomic_write_text(folder / "dataset.json", json.dumps(datalist, indent=4) + "\n")
@@ -488,6 +535,9 @@ DATASETS: dict[str, tuple[str, Callable[[Path, Path], Path]]] = {
     "brats_sample": ("pyradiomics", build_brats_sample),
 }
 _BUILD_VERSION = "1"
+#: datasets whose content changed since version 1: a cache stamped with an older version is rebuilt
+#: (btcv_sample 2: the DICOM series carries SOP class / instance, study and series UIDs)
+_BUILD_VERSIONS: dict[str, str] = {"btcv_sample": "2"}
 
 
 def prepare(name: str, root: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -498,13 +548,14 @@ def prepare(name: str, root: str | os.PathLike | None = None, force: bool = Fals
     root = check_writable_dir(root)  # one line, exit 2, for a cache folder that cannot be created
     folder = root / name
     stamp = folder / ".built"
-    if not force and stamp.exists() and stamp.read_text() == _BUILD_VERSION:
+    version = _BUILD_VERSIONS.get(name, _BUILD_VERSION)
+    if not force and stamp.exists() and stamp.read_text() == version:
         return folder
     source, builder = DATASETS[name]
     raw = fetch_sdist(SOURCES[source], root)
     _log(f"building {name} in {folder}")
     builder(root, raw)
-    atomic_write_text(stamp, _BUILD_VERSION)
+    atomic_write_text(stamp, version)
     return folder
 
 

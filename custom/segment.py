@@ -11,7 +11,8 @@ underneath (:class:`custom.predict.BundlePredictor`: its pre-processing, sliding
 inferer and post-processing, parsed once and weights loaded once per process).
 
 ``OUTPUT`` ending in ``.nii.gz`` / ``.nii``: the label map of the one input (uint8, the input's grid
-and affine). Otherwise a folder: one ``<case>_seg.nii.gz`` per case, cases whose outputs are already
+and affine); ending in ``.dcm`` with ``--output_type dicom_seg``: a DICOM-SEG of the input DICOM series
+(:mod:`custom.dicom_seg`: one coded segment per organ, on the series' own frames). Otherwise a folder: one ``<case>_seg.nii.gz`` (or ``.dcm``) per case, cases whose outputs are already
 complete are skipped (a re-run after a kill redoes only the cases in flight), bad inputs become rows of
 ``errors.csv`` and the run goes on. ``--workers N`` runs N local processes, ``--scheduler`` an
 existing Dask cluster, through the same executor as the SOLF runner (:mod:`custom.parallel`), one model
@@ -54,6 +55,7 @@ BUNDLES: Mapping[str, tuple[str, Mapping[int, str]]] = {
     "brats": ("swin_bob_brats", BRATS_LABELS),  # the bundle writes BraTS 2023 ids 1 NCR, 2 ED, 3 ET
 }
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+OUTPUT_SUFFIXES = {"nifti": ".nii.gz", "dicom_seg": ".dcm"}
 ERRORS_CSV, STATISTICS_CSV = "errors.csv", "statistics.csv"
 
 
@@ -62,10 +64,10 @@ def _log(msg: str) -> None:
 
 
 def stats_path(output: str | os.PathLike) -> Path:
-    """``seg.nii.gz`` -> ``seg.json``."""
+    """``seg.nii.gz`` (or ``seg.dcm``) -> ``seg.json``."""
     output = Path(output)
     name = output.name
-    for suffix in NIFTI_SUFFIXES:
+    for suffix in (*NIFTI_SUFFIXES, ".dcm"):
         if name.endswith(suffix):
             return output.with_name(name[: -len(suffix)] + ".json")
     return output.with_name(name + ".json")
@@ -136,14 +138,21 @@ def _predictor(spec: Any, output_dir: str) -> Any:
     return BundlePredictor(spec, staging_folder(output_dir))
 
 
-def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: bool = False, bundle: str = "btcv") -> dict[str, Any]:
+def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: bool = False, bundle: str = "btcv",
+                 output_type: str = "nifti") -> dict[str, Any]:
     """Segment ``image`` into ``output`` (and its stats JSON) with this process's predictor.
+
+    ``output_type="dicom_seg"``: ``image`` must be a DICOM series folder; ``output`` is its DICOM-SEG.
 
     Returns ``{"image", "output", "seconds"}``, or with ``"error"`` (one line) when the input is bad.
     The label map is renamed into place last, so its presence means the case is complete.
     """
     start = time.perf_counter()
     try:
+        if output_type == "dicom_seg":
+            from custom.dicom_seg import check_request
+
+            check_request(image, output)
         staged = _predictor(spec, output_dir).predict(image)
         if stats:
             from custom.io import load_image_checked
@@ -151,7 +160,15 @@ def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: boo
             table = label_stats(staged, load_image_checked(image), BUNDLES[bundle][1])
             table.update(input=str(image), bundle=Path(spec.folder).name, etta=bool(spec.etta))
             atomic_write_text(stats_path(output), json.dumps(table, indent=2) + "\n")
-        os.replace(staged, output)
+        if output_type == "dicom_seg":
+            from custom.dicom_seg import bundle_version, nifti_to_dicom_seg
+
+            folder = Path(spec.folder)
+            nifti_to_dicom_seg(staged, image, output, BUNDLES[bundle][1], algorithm=folder.name,
+                               version=bundle_version(folder / "configs" / "metadata.json"))
+            staged.unlink()
+        else:
+            os.replace(staged, output)
     except Exception as exc:  # noqa: BLE001 - a bad case is reported, the cohort goes on
         from custom.io import find_input_error
 
@@ -184,15 +201,25 @@ def segment(
     model: str | os.PathLike | None = None,
     bundles_root: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
+    output_type: str = "nifti",
 ) -> Path:
-    """Run ``bundle``'s inference.json on one volume; write ``output`` (and its stats); return it."""
+    """Run ``bundle``'s inference.json on one volume; write ``output`` (and its stats); return it.
+
+    ``output_type="dicom_seg"``: ``input_path`` must be a DICOM series folder and ``output`` a ``.dcm``
+    file; the label map is written as a DICOM-SEG of that series (``custom.dicom_seg``)."""
     from custom.bundle_utils import inference_datalist
 
     input_path, output = Path(input_path).expanduser().resolve(), Path(output).expanduser().resolve()
     check_readable(input_path)
     if output.is_dir():
         raise InputError(output, "is a folder", "give a file name such as seg.nii.gz, or a folder name for many cases")
+    if output_type == "nifti" and not output.name.endswith(NIFTI_SUFFIXES):
+        raise InputError(output, "the output must be a NIfTI file name", "end it with .nii.gz (or use --output_type dicom_seg)")
     check_writable_dir(output.parent)
+    if output_type == "dicom_seg":
+        from custom.dicom_seg import check_request
+
+        check_request(input_path, output)  # a series folder in, .dcm out, before any network runs
     spec = _spec(bundle, model, device, etta, bundles_root, overrides)
     items = inference_datalist(input_path)
     if len(items) != 1:
@@ -200,7 +227,7 @@ def segment(
                          "give an output folder instead (-o OUTDIR) to segment them all")
     _log(f"{Path(spec.folder).name} on {input_path.name} ({spec.device}{', ETTA' if etta else ''})")
     try:
-        result = segment_case(spec, str(output.parent), items[0]["image"], str(output), stats, bundle)
+        result = segment_case(spec, str(output.parent), items[0]["image"], str(output), stats, bundle, output_type)
     finally:
         _predictor.cache_clear()
         _remove_staging(output.parent)
@@ -235,6 +262,7 @@ def segment_cohort(
     workers: int = 1,
     scheduler: str | None = None,
     quiet: bool = True,
+    output_type: str = "nifti",
 ) -> dict[str, Any]:
     """Segment every case of ``input_path`` into ``output_dir``; skip complete cases; report bad ones.
 
@@ -253,13 +281,13 @@ def segment_cohort(
         if name in cases:
             raise InputError(item["image"], f"two inputs are named {name!r} ({cases[name]})", "give each case a distinct file name")
         cases[name] = item["image"]
-    outputs = {name: output_dir / f"{name}_seg.nii.gz" for name in cases}
+    outputs = {name: output_dir / f"{name}_seg{OUTPUT_SUFFIXES[output_type]}" for name in cases}
     todo = [name for name in cases if not _is_complete(outputs[name], stats)]
     _remove_staging(output_dir)  # what a killed run left half-done
     _log(f"{Path(spec.folder).name} on {len(cases)} case(s) ({spec.device}{', ETTA' if etta else ''}): "
          f"{len(cases) - len(todo)} already done, {len(todo)} to segment")
 
-    args = [(spec, str(output_dir), cases[name], str(outputs[name]), stats, bundle) for name in todo]
+    args = [(spec, str(output_dir), cases[name], str(outputs[name]), stats, bundle, output_type) for name in todo]
     errors: list[dict[str, Any]] = []
     finished = 0
     try:
@@ -350,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> Path | dict[str, Any]:
     parser.add_argument("--workers", type=int, default=1, help="local worker processes for a folder (default 1: this process)")
     parser.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--model", help="weights to use instead of the bundle's models/model.pt")
+    parser.add_argument("--output_type", choices=sorted(OUTPUT_SUFFIXES), default="nifti",
+                        help="dicom_seg: a DICOM-SEG (.dcm) of each input DICOM series (default nifti)")
     parser.add_argument("--verbose", action="store_true", help="show MONAI's and the libraries' own log lines and warnings")
     parser.add_argument("--bundles_root", help=argparse.SUPPRESS)
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
@@ -357,8 +387,8 @@ def main(argv: Sequence[str] | None = None) -> Path | dict[str, Any]:
     args = parser.parse_args(argv)
     _quiet(args.verbose)
     kwargs = dict(bundle=args.bundle, etta=args.etta, device=args.device, stats=args.stats, model=args.model,
-                  bundles_root=args.bundles_root, overrides=parse_overrides(args.override))
-    if args.output.endswith(NIFTI_SUFFIXES):
+                  bundles_root=args.bundles_root, overrides=parse_overrides(args.override), output_type=args.output_type)
+    if args.output.endswith((*NIFTI_SUFFIXES, ".dcm")):
         if args.workers > 1 or args.scheduler:
             raise InputError(args.output, "--workers/--scheduler need an output folder", "give -o a folder name")
         return segment(args.input, args.output, **kwargs)

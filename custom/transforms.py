@@ -10,6 +10,9 @@ with its lobes set to the ignore value that the loss masks (``"ignore"``).
 BraTS 2023 labels (1 NCR, 2 ED, 3 ET) to the three nested sigmoid regions TC / WT / ET and back:
 :class:`BratsLabelToRegions(d)` and :class:`BratsRegionsToLabel(d)` (MONAI's
 ``ConvertToMultiChannelBasedOnBratsClasses`` uses the 2021 ET id 4).
+
+:class:`SafeSpacingd`: ``Spacingd`` that survives the plain ``image_path`` entry MONAI Label puts in
+every request (MONAI 1.6 takes it for a metadata dict).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Flip, MapTransform, RandomizableTransform, Transform
+from monai.transforms import Flip, MapTransform, RandomizableTransform, Spacingd, Transform
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
 from custom.io import InputError
@@ -270,3 +273,23 @@ class LogitsToLabelsd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
         return d
+
+
+# ---------------------------------------------------------------- MONAI Label's extra keys
+class SafeSpacingd(Spacingd):
+    """``monai.transforms.Spacingd`` that leaves a request's plain ``<key>_*`` entries alone.
+
+    MONAI 1.6's ``Spacingd`` takes every ``<key>_*`` entry of the data dict for a metadata dict and
+    calls ``.update`` on it when the image came from a NIfTI file; MONAI Label 0.8.5 puts the string
+    ``image_path`` into every inference request (its writer reads it back), so the bundles crashed
+    there. This subclass sets aside the ``<key>_*`` entries that are not mappings for its own call
+    and puts them back unchanged; resampling, metadata and the inverse are ``Spacingd``'s.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        prefixes = tuple(f"{key}_" for key in self.keys)
+        stray = {k: v for k, v in data.items()
+                 if isinstance(k, str) and k.startswith(prefixes) and not isinstance(v, Mapping)}
+        out = super().__call__({k: v for k, v in data.items() if k not in stray}, lazy=lazy)
+        out.update(stray)
+        return out

@@ -24,7 +24,10 @@ step "sam2 (MONAI Label dependency) without its CUDA extension"
 SAM2_BUILD_CUDA=0 $PIP install -q --no-build-isolation sam2
 step "monailabel"
 $PIP install -q "monailabel==0.8.5"
+# MONAI Label's DICOMweb datastore turns a saved label into DICOM-SEG with dcmqi's itkimage2segimage
+step "dcmqi (itkimage2segimage for MONAI Label's DICOM-SEG upload)"
+$PIP install -q dcmqi
 step "check"
-$VENV/bin/python -c "import torch, torchvision, monai, monailabel; from torchvision.ops import nms; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'monai', monai.__version__, 'monailabel', monailabel.__version__)"
+$VENV/bin/python -c "import torch, torchvision, monai, monailabel; from torchvision.ops import nms; import shutil, sys, os; assert shutil.which('itkimage2segimage', path=os.path.dirname(sys.executable)), 'no itkimage2segimage'; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'monai', monai.__version__, 'monailabel', monailabel.__version__)"
 touch "$VENV/.installed"
 step "done: $(du -sh "$VENV" | cut -f1)"

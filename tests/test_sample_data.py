@@ -76,3 +76,40 @@ def test_verified_raw_files(btcv_sample):
     raw = S.data_root() / "raw" / "totalsegmentator"
     for rel, sha in list(S.TOTALSEGMENTATOR.files.items())[:3]:
         assert sha256_file(raw / rel) == sha
+
+
+def test_dicom_series_has_standard_uids(btcv_sample):
+    import pydicom
+
+    raw = S.data_root() / "raw" / "totalsegmentator" / S.DICOM_DIR
+    files = sorted((btcv_sample / "dicom" / "ct_dicom").iterdir())
+    study, series = S.sample_series_uids("1.3.12.2.1107.5.1.4.60064.30000022120807274275100000041")
+    assert study == "1.2.826.0.1.3680043.8.498.92002038292778040489816471560350545824"  # the same on every machine
+    instances = set()
+    for path in files:
+        ds, src = pydicom.dcmread(path), pydicom.dcmread(raw / path.name)
+        assert src.SOPInstanceUID == "" and src.StudyInstanceUID == ""  # what the sdist ships
+        assert ds.SOPClassUID == ds.file_meta.MediaStorageSOPClassUID == S.CT_IMAGE_STORAGE
+        assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID == path.name[3:]  # "CT.<uid>"
+        assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == (study, series)
+        assert ds.PixelData == src.PixelData and ds.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID
+        changed = {e.keyword for e in ds if e.tag not in src or src[e.tag].value != e.value}
+        assert changed == {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
+        instances.add(ds.SOPInstanceUID)
+    assert len(instances) == len(files) == 20
+
+
+def test_old_cache_stamp_is_rebuilt(tmp_path):
+    # a cache built before the UIDs existed (stamp "1", a plain copy of the series) is rebuilt
+    src = S.TOTALSEGMENTATOR
+    (tmp_path / "downloads").mkdir()
+    shutil.copy(S.data_root() / "downloads" / src.archive, tmp_path / "downloads" / src.archive)
+    old = tmp_path / "btcv_sample"
+    (old / "dicom").mkdir(parents=True)
+    (old / ".built").write_text("1")
+    folder = S.prepare("btcv_sample", tmp_path)
+    assert (folder / ".built").read_text() == "2"
+    assert len(list((folder / "dicom" / "ct_dicom").iterdir())) == 20
+    stamp_mtime = (folder / ".built").stat().st_mtime_ns
+    S.prepare("btcv_sample", tmp_path)  # up to date: nothing rebuilt
+    assert (folder / ".built").stat().st_mtime_ns == stamp_mtime
