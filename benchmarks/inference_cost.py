@@ -94,6 +94,8 @@ def worker(args: argparse.Namespace) -> None:
                  "sliding_window_inferer#overlap": args.overlap, "amp": cuda}
     if args.run == "previous":
         overrides.update(previous_pipeline(args.overlap))
+    elif args.buffer_dtype:
+        overrides["sliding_window_inferer#buffer_dtype"] = args.buffer_dtype
     spec = BundleSpec(str(REPO / "bundles" / BUNDLE_DIRS[args.bundle]), args.ckpt, "cuda:0" if cuda else "cpu",
                       overrides=tuple(overrides.items()))
     predictor = BundlePredictor(spec, args.out)
@@ -138,6 +140,7 @@ def worker(args: argparse.Namespace) -> None:
         "peak_cuda_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "device": str(predictor.device), "feature_size": args.feature_size, "overlap": args.overlap,
         "sw_batch_size": args.sw_batch_size, "threads": torch.get_num_threads(),
+        "buffer_dtype": str(getattr(predictor.inferer, "buffer_dtype", "")).removeprefix("torch.") or None,
     }), flush=True)
 
 
@@ -169,6 +172,7 @@ def main() -> None:
     parser.add_argument("--ckpt-ukbob", default="")
     parser.add_argument("--ckpt-btcv", default="")
     parser.add_argument("--runs", default="bundle,previous,bare")
+    parser.add_argument("--buffer-dtype", default="", help="stitching buffer of the bundle run (default: the bundle's)")
     # one run of a child process
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--bundle", help=argparse.SUPPRESS)
@@ -198,7 +202,7 @@ def main() -> None:
                 out.mkdir()
                 cmd = [sys.executable, __file__, "--run", run, "--bundle", bundle, "--image", str(image), "--ckpt", ckpt,
                        "--out", str(out), "--feature-size", str(args.feature_size), "--overlap", str(args.overlap),
-                       "--sw-batch-size", str(args.sw_batch_size)]
+                       "--sw-batch-size", str(args.sw_batch_size), "--buffer-dtype", args.buffer_dtype]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
                 if proc.returncode != 0:
                     sys.exit(f"{bundle} {run} failed:\n{proc.stderr[-3000:]}")
