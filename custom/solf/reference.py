@@ -96,7 +96,7 @@ def build(features: pd.DataFrame, taxonomy: str, provenance: Mapping[str, Any] |
     if taxonomy not in TO_UKBOB:
         raise ValueError(f"taxonomy must be one of {sorted(TO_UKBOB)}, got {taxonomy!r}")
     thr = cohort.fit(features, min_samples=min_samples) if len(features) else pd.DataFrame(columns=["organ_id"])
-    thr = thr.set_index("organ_id") if len(thr) else thr
+    thr = thr[~cohort.partial_flags(thr)].set_index("organ_id") if len(thr) else thr  # whole masks only
     organs: dict[int, dict[str, Any]] = {}
     flagged = features.assign(_partial=cohort.partial_flags(features))
     for (organ_id, organ), grp in flagged.groupby(["organ_id", "organ"], sort=True):
