@@ -6,9 +6,10 @@ after the same component cleaning), each feature's robust z-score against the re
 the connected-component count against the expected range of :mod:`custom.labels`, and the partial
 flag (the mask reaches within 3 voxels of the field-of-view border: its shape is not judged).
 
-Verdict per organ: ``outlier`` (>= ``min_votes`` features beyond eps), ``partial``, ``no_reference``
-(the reference has too few whole masks of that organ) or ``ok``; ``components_ok`` is reported beside
-it. :func:`write_case` writes ``<stem>_qc.json`` and ``<stem>_qc.png`` (flagged organs on the image).
+Verdict per organ: ``outlier`` (>= ``min_votes`` features beyond eps; or a partial organ whose
+volume in mL is above :data:`PARTIAL_TOO_LARGE` x the whole organs' median, ``partial_too_large``: a
+cut can only remove volume), ``partial`` (shape not judged), ``no_reference`` (the reference has too few whole masks of
+that organ) or ``ok``; ``components_ok`` is reported beside it. :func:`write_case` writes ``<stem>_qc.json`` and ``<stem>_qc.png`` (flagged organs on the image).
 :class:`custom.solf.transforms.SOLFQCd` runs the same from a bundle's ``inference.json``, and
 ``python -m custom.solf qc --labels FOLDER --taxonomy ...`` judges a folder of any segmenter's maps.
 
@@ -33,6 +34,10 @@ from custom.solf.reference import CohortReference
 FORMAT = "swin-bob-qc"
 VERSION = 1
 VERDICTS = ("ok", "outlier", "partial", "no_reference")
+#: a partial organ above this multiple of the whole organs' median volume (mL) is an outlier: a cut only
+#: removes volume. A factor, not a band of robust SDs: the organs the field of view holds whole are the
+#: smaller ones, so the whole organs' spread understates the cohort's (measured on the sample cohort)
+PARTIAL_TOO_LARGE = 1.5
 
 
 def _round(v: Any, nd: int = 6) -> Any:
@@ -66,7 +71,7 @@ def scan_qc(
         "summary": {verdict: [organ names], "components_out_of_range": [...]}, "organs": {name: {...}}}``.
         Per organ: ``label_id`` (in ``taxonomy``), ``organ_id`` (UKBOB), ``voxels``, ``volume_ml``, the
         features, ``z_<feature>`` (robust z-score), ``out_<feature>``, ``outliers``, ``partial``,
-        ``components``, ``expected_components`` ``[min, max]``, ``components_ok``, ``verdict``.
+        ``partial_too_large``, ``components``, ``expected_components`` ``[min, max]``, ``components_ok``, ``verdict``.
     """
     from custom.io import InputError
 
@@ -102,7 +107,15 @@ def scan_qc(
             entry.update(outliers=int(d["outliers"]), partial=r.partial, components=r.components_before,
                          expected_components=[rng.min_count, rng.max_count],
                          components_ok=rng.min_count <= r.components_before <= rng.max_count)
-            verdict = "partial" if r.partial else "no_reference" if not fitted else "outlier" if bool(d["rejected"]) else "ok"
+            # a cut organ can only be smaller than whole: above the whole organs' volume band it is wrong anyway
+            # (in mL: the normalised volume of a cut organ also grows when the scan holds less body)
+            o = reference.organs.get(r.organ_id, {})
+            too_large = bool(r.partial and fitted and r.volume_ml > PARTIAL_TOO_LARGE * float(o.get("volume_ml_median", np.nan)))
+            entry["partial_too_large"] = bool(too_large)
+            if too_large:
+                verdict = "outlier"
+            else:
+                verdict = "partial" if r.partial else "no_reference" if not fitted else "outlier" if bool(d["rejected"]) else "ok"
             entry["verdict"] = verdict
             summary[verdict].append(r.organ)
             if not entry["components_ok"]:
@@ -225,7 +238,7 @@ def qc_folder(labels_dir: str | Path, taxonomy: str, output_dir: str | Path, ref
     folder = check_readable(labels_dir)
     if not folder.is_dir():
         raise InputError(folder, "is not a folder", "give the folder that holds the label maps (--labels FOLDER)")
-    files = sorted({p.resolve() for pat in patterns for p in folder.glob(pat)})
+    files = sorted({p.absolute() for pat in patterns for p in folder.glob(pat)})
     if not files:
         raise InputError(folder, "holds no .nii.gz / .nii label map", "give the folder of a segmenter's label maps")
     ref = load(reference, taxonomy) if reference else None

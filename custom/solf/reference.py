@@ -40,7 +40,8 @@ class CohortReference:
     ``organs[id]``: ``organ`` (UKBOB name), ``n`` (whole masks fitted), ``n_partial`` (masks left out
     because the field of view cut them), ``fitted`` (``n >= min_samples``) and for each feature ``f``
     of :data:`~custom.solf.features.FEATURES`: ``f_median``, ``f_sd`` (1.4826 x MAD); also
-    ``volume_ml_median`` for people reading the file.
+    ``volume_ml_median`` / ``volume_ml_sd`` (absolute volume: a partial organ above that band is too
+    large whatever the cut, while its normalised volume also depends on how much body the scan holds).
     """
 
     taxonomy: str
@@ -110,7 +111,9 @@ def build(features: pd.DataFrame, taxonomy: str, provenance: Mapping[str, Any] |
         else:  # every mask of this organ was partial
             entry["fitted"] = False
             entry.update({f"{f}_{s}": float("nan") for f in FEATURES for s in ("median", "sd")})
-        entry["volume_ml_median"] = float(whole["volume_ml"].median()) if len(whole) else float("nan")
+        ml = whole["volume_ml"].to_numpy(dtype=float)
+        entry["volume_ml_median"] = float(np.median(ml)) if len(ml) else float("nan")
+        entry["volume_ml_sd"] = float(cohort.MAD_TO_SD * np.median(np.abs(ml - np.median(ml)))) if len(ml) else float("nan")
         organs[int(organ_id)] = entry
     prov = {"created": datetime.date.today().isoformat(), "volumes": int(features["volume"].nunique()) if len(features) else 0,
             **dict(provenance or {})}
