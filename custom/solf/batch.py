@@ -362,11 +362,14 @@ def fit(
     use_priors: bool = False,
     max_rejected: int = 3,
     reference: Any = None,
+    partial_eps: float = cohort.DEFAULT_PARTIAL_EPS,
 ) -> dict[str, Any]:
     """Stage B: ``thresholds.csv`` (per organ) and ``decisions.csv`` (per volume and organ).
 
     ``reference``: a :class:`~custom.solf.reference.CohortReference`; when given, every mask is judged
-    against its per-organ fit instead of this cohort's own (``min_samples`` is then the reference's).
+    against its per-organ fit instead of this cohort's own (``min_samples`` is then the reference's;
+    it holds whole organs only, so partial masks are not judged). ``partial_eps``: the band for partial
+    masks among the partial masks of their organ (:func:`cohort.fit`; ``inf``: never judged).
     """
     from custom.io import atomic_write_text
 
@@ -376,13 +379,13 @@ def fit(
         thr = pd.DataFrame(columns=["organ_id", "organ", "n", "fitted"])
         dec = pd.DataFrame(columns=cohort.DECISION_COLUMNS)
     else:
-        thr = reference.thresholds(eps) if reference is not None else cohort.fit(table, eps, min_samples)
+        thr = reference.thresholds(eps) if reference is not None else cohort.fit(table, eps, min_samples, float(partial_eps))
         dec = cohort.decide(table, thr, action, min_votes, use_priors, max_rejected=max_rejected)
         thr = cohort.summary(dec, thr)
     atomic_write_text(out / "thresholds.csv", thr.to_csv(index=False))
     atomic_write_text(out / "decisions.csv", dec.to_csv(index=False))
     settings = {"eps": eps, "action": action, "min_samples": min_samples, "min_votes": min_votes,
-                "use_priors": use_priors, "max_rejected": max_rejected,
+                "use_priors": use_priors, "max_rejected": max_rejected, "partial_eps": float(partial_eps),
                 "reference": dict(reference.provenance, taxonomy=reference.taxonomy) if reference is not None else None}
     atomic_write_text(out / "fit_settings.json", json.dumps(settings, indent=2))
     return {"organs": len(thr), "masks": len(dec), "rejected": int(dec["rejected"].sum()) if len(dec) else 0}
@@ -522,11 +525,12 @@ def run(
     min_fraction: float = DEFAULT_MIN_FRACTION,
     body: str = "labels",
     plots: bool = True,
+    partial_eps: float = cohort.DEFAULT_PARTIAL_EPS,
 ) -> dict[str, Any]:
     """All of SOLF: stage A, stage B, filtered labels, report. Returns the summary (also printed)."""
     config = StageAConfig(min_fraction=min_fraction, body=body)
     stage_a = features(datalist, output_dir, workers, scheduler, keys, config)
-    fit(output_dir, eps, action, min_samples, use_priors=use_priors)
+    fit(output_dir, eps, action, min_samples, use_priors=use_priors, partial_eps=partial_eps)
     applied = apply(datalist, output_dir, workers, scheduler, keys, config)
     summary = {"stage_a": stage_a, "apply": applied, **report(output_dir, plots)}
     print(json.dumps(summary), flush=True)
