@@ -8,9 +8,10 @@
 ``output_dir``, ``device``, ``use_etta``), so the command does exactly what the bundle does:
 preprocessing, sliding-window (or ETTA) inference, inversion to the input's grid, label map.
 ``OUTPUT`` is the label map (``.nii.gz``, uint8, the input's grid and affine). ``--stats`` also
-writes ``OUTPUT`` with ``.json`` in place of ``.nii.gz``: per structure, the voxel count, the volume
-in mL and the mean input intensity inside it (per channel for multi-channel inputs), names from
-``custom.labels``.
+writes ``OUTPUT`` with ``.json`` in place of ``.nii.gz``, in TotalSegmentator's ``statistics.json``
+format (:mod:`custom.statistics`: per organ ``volume`` mm^3 and ``intensity``, plus ``volume_ml``,
+``voxels``, ``partial``, ``qc``), names from ``custom.labels``. ``--qc`` judges every organ against
+the bundle's ``models/qc_reference.json`` (:mod:`custom.solf.qc`): ``<stem>_qc.json`` and ``_qc.png``.
 
 Bad input (missing or unreadable file, wrong channel count, missing weights, ...) prints one line
 ``error: ...`` and exits with code 2; nothing is written at ``OUTPUT`` unless the whole run succeeds
@@ -84,30 +85,18 @@ def check_inputs(input_path: Path, output: Path, ckpt: Path, device: str, etta: 
             raise InputError(None, "--device cuda: no CUDA device is available", "use --device cpu")
 
 
-def label_stats(label_file: Path, image: Any, names: Mapping[int, str]) -> dict[str, Any]:
-    """Per label id present: voxels, volume (mL, from the label's affine) and mean image intensity.
+def label_stats(label_file: Path, image: Any, names: Mapping[int, str], qc: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """TotalSegmentator-format statistics of a written label map (:func:`custom.statistics.organ_statistics`).
 
-    ``image`` is the input as loaded by MONAI (channel-first ``(C, H, W, D)``) on the label's grid.
+    ``image`` is the input as loaded by MONAI (channel-first ``(C, H, W, D)``) on the label's grid;
+    ``qc``: the per-scan QC dict whose verdicts fill each organ's ``qc`` field.
     """
     import nibabel as nib
 
+    from custom.statistics import organ_statistics
+
     seg = nib.load(str(label_file))
-    labels = np.asarray(seg.dataobj).astype(np.int64)
-    voxel_ml = abs(float(np.linalg.det(seg.affine[:3, :3]))) / 1000.0
-    img = np.asarray(image, dtype=np.float64)
-    if img.shape[1:] != labels.shape:
-        raise ValueError(f"label grid {labels.shape} differs from the image grid {img.shape[1:]}")
-    organs = {}
-    for label_id in (int(i) for i in np.unique(labels) if i != 0):
-        mask = labels == label_id
-        means = [round(float(channel[mask].mean()), 3) for channel in img]
-        organs[names.get(label_id, f"label_{label_id}")] = {
-            "id": label_id,
-            "voxels": int(mask.sum()),
-            "volume_ml": round(float(mask.sum()) * voxel_ml, 3),
-            "intensity_mean": means[0] if len(means) == 1 else means,
-        }
-    return {"voxel_volume_ml": voxel_ml, "organs": organs}
+    return organ_statistics(np.asarray(seg.dataobj), np.asarray(image), seg.affine, names, qc=qc)
 
 
 def segment(
@@ -120,6 +109,7 @@ def segment(
     model: str | os.PathLike | None = None,
     bundles_root: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
+    qc: bool = False,
 ) -> Path:
     """Run ``bundle``'s inference.json on one volume; write ``output`` (and its stats); return it."""
     from monai.bundle import ConfigParser
@@ -131,6 +121,10 @@ def segment(
     ckpt = Path(model).resolve() if model else folder / "models" / "model.pt"
     device = device or ("cuda" if _cuda() else "cpu")
     check_inputs(input_path, output, ckpt, device, etta, config)
+    if qc:  # checked before the network runs: the bundle's cohort reference, of its own taxonomy
+        from custom.solf.reference import load as load_reference
+
+        qc_reference = load_reference(folder / "models" / "qc_reference.json", bundle)
 
     from custom.bundle_utils import inference_datalist
 
@@ -161,13 +155,23 @@ def segment(
         written = sorted((Path(tmp) / "out").rglob("*.nii.gz"))
         if len(written) != 1:
             raise RuntimeError(f"expected one label map from {folder.name}, found {[p.name for p in written]}")
-        if stats:
+        qc_result, image = None, None
+        if stats or qc:
             from custom.io import load_image_checked
 
-            table = label_stats(written[0], load_image_checked(input_path), BUNDLES[bundle][1])
-            table.update(input=str(input_path), bundle=folder.name, etta=bool(etta))
+            image = np.asarray(load_image_checked(input_path))
+        if qc:  # per-scan QC against the bundle's reference: <output stem>_qc.json and _qc.png beside the output
+            import nibabel as nib
+
+            from custom.solf.qc import write_case
+
+            seg = nib.load(str(written[0]))
+            qc_result = write_case(output, np.asarray(seg.dataobj), seg.affine, qc_reference, image, bundle,
+                                   extra={"input": str(input_path), "bundle": folder.name, "etta": bool(etta)})
+        if stats:
+            table = label_stats(written[0], image, BUNDLES[bundle][1], qc_result)
             with atomic_path(stats_path(output)) as tmp_json:
-                tmp_json.write_text(json.dumps(table, indent=2) + "\n")
+                tmp_json.write_text(json.dumps(table, indent=4) + "\n")
         os.replace(written[0], output)
     _log(f"wrote {output}" + (f" and {stats_path(output).name}" if stats else ""))
     return output
@@ -187,14 +191,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--bundle", choices=sorted(BUNDLES), default="btcv", help="which Swin-BOB bundle (default btcv)")
     parser.add_argument("--etta", action="store_true", help="entropy test-time adaptation (the bundle's use_etta)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--stats", action="store_true", help="also write per-structure volume (mL) and mean intensity JSON")
+    parser.add_argument("--stats", action="store_true", help="also write per-organ statistics (TotalSegmentator statistics.json format)")
+    parser.add_argument("--qc", action="store_true", help="per-organ QC against the bundle's models/qc_reference.json: OUTPUT stem + _qc.json / _qc.png")
     parser.add_argument("--model", help="weights to use instead of the bundle's models/model.pt")
     parser.add_argument("--bundles_root", help=argparse.SUPPRESS)
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="inference.json overrides, e.g. sw_batch_size=2 (as monai.bundle run takes them)")
     args = parser.parse_args(argv)
     return segment(args.input, args.output, bundle=args.bundle, etta=args.etta, device=args.device, stats=args.stats,
-                   model=args.model, bundles_root=args.bundles_root, overrides=parse_overrides(args.override))
+                   model=args.model, bundles_root=args.bundles_root, overrides=parse_overrides(args.override), qc=args.qc)
 
 
 if __name__ == "__main__":
