@@ -41,7 +41,7 @@ def test_cli_on_nifti_with_stats(tiny_model: Path, btcv_sample: Path, tmp_path: 
     out = tmp_path / "seg" / "crop_seg.nii.gz"
     proc = subprocess.run(
         [sys.executable, "-m", "custom.segment", "-i", str(image), "-o", str(out), "--bundle", "btcv", "--device", "cpu",
-         "--stats", "--model", str(tiny_model), "--override", *TINY],
+         "--stats", "--qc", "--model", str(tiny_model), "--override", *TINY],
         capture_output=True, text=True, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -50,19 +50,22 @@ def test_cli_on_nifti_with_stats(tiny_model: Path, btcv_sample: Path, tmp_path: 
     np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
     labels = np.asarray(seg.dataobj)
     assert labels.dtype == np.uint8 and labels.max() < 14
-    assert sorted(p.name for p in out.parent.iterdir()) == ["crop_seg.json", "crop_seg.nii.gz"]  # no temp left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["crop_seg.json", "crop_seg.nii.gz", "crop_seg_qc.json", "crop_seg_qc.png"]
 
+    # TotalSegmentator's statistics.json: every organ of the taxonomy, volume in mm^3 (0 when cut by the
+    # border), mean intensity; our fields beside them
     stats = json.loads(stats_path(out).read_text())
-    assert stats["voxel_volume_ml"] == pytest.approx(0.027)  # 3 mm isotropic voxels
+    assert list(stats) == [n for i, n in BTCV_LABELS.items() if i]
+    qc = json.loads((out.parent / "crop_seg_qc.json").read_text())
     hu = np.asarray(src.dataobj, dtype=np.float64)
-    present = [int(i) for i in np.unique(labels) if i]
-    assert sorted(v["id"] for v in stats["organs"].values()) == present
-    for name, entry in stats["organs"].items():
-        mask = labels == entry["id"]
-        assert name == BTCV_LABELS[entry["id"]]
-        assert entry["voxels"] == int(mask.sum())
-        assert entry["volume_ml"] == pytest.approx(mask.sum() * 0.027, abs=1e-3)
-        assert entry["intensity_mean"] == pytest.approx(hu[mask].mean(), abs=1e-2)
+    for label_id, name in ((i, n) for i, n in BTCV_LABELS.items() if i):
+        entry, mask = stats[name], labels == label_id
+        assert entry["voxels"] == int(mask.sum()) and entry["volume_ml"] == pytest.approx(mask.sum() * 0.027, abs=1e-3)
+        if entry["partial"] or not mask.any():
+            assert entry["volume"] == 0.0 and entry["intensity"] == 0.0
+        else:
+            assert entry["volume"] == pytest.approx(mask.sum() * 27.0) and entry["intensity"] == pytest.approx(hu[mask].mean(), abs=1e-4)
+        assert entry["qc"] == (qc["organs"][name]["verdict"] if mask.any() else None)
 
 
 @pytest.mark.slow
