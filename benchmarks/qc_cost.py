@@ -9,6 +9,11 @@ time of each arm and their ratio (goal: <= 1.2), plus the QC step alone (stage A
 timed in-process on the written label map.
 
     python benchmarks/qc_cost.py [--repeats 3] [--feature-size 12] [--pixdim 3]
+    python benchmarks/qc_cost.py --clean-flags   # how often clean scans get an outlier verdict (no network)
+
+``--clean-flags``: per-scan QC of clean warped scans (``custom.solf.simulate.make_subject``) against each
+shipped reference: the 40 scans it was built from (seeds 7 x 100003 + i) and 20 it never saw; one JSON
+line per bundle and set with the count of each verdict.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ def main() -> None:
     ap.add_argument("--feature-size", type=int, default=12)
     ap.add_argument("--pixdim", type=float, default=3.0)
     ap.add_argument("--roi", type=int, default=96)
+    ap.add_argument("--clean-flags", action="store_true", help="verdicts on clean scans instead of timing")
     args = ap.parse_args()
+    if args.clean_flags:
+        return clean_flags()
 
     import torch
     from monai.networks.nets import SwinUNETR
@@ -84,6 +92,28 @@ def qc_step_seconds(seg_file: Path, image_file: Path) -> float:
         write_case(seg_file.with_name("step.nii.gz"), labels, seg.affine, ref, image, "btcv")
         best = min(best, time.perf_counter() - t0)
     return round(best, 3)
+
+
+def clean_flags() -> None:
+    from collections import Counter
+
+    import nibabel as nib
+    import numpy as np
+
+    from custom.sample_data import prepare
+    from custom.solf.qc import scan_qc
+    from custom.solf.reference import load
+    from custom.solf.simulate import make_subject
+
+    for bundle in ("btcv", "ukbob"):
+        ref = load(REPO / "bundles" / f"swin_bob_{bundle}" / "models" / "qc_reference.json", bundle)
+        img = nib.load(str(prepare(f"{bundle}_sample") / "labels" / "ct_abdomen.nii.gz"))
+        base = np.asarray(img.dataobj).astype(np.uint8)
+        for name, seeds in (("reference cohort", [7 * 100_003 + i for i in range(40)]), ("new scans", range(5000, 5020))):
+            verdicts = Counter(v["verdict"] for s in seeds for v in scan_qc(make_subject(base, s)[0], img.affine, ref)["organs"].values())
+            judged = verdicts["ok"] + verdicts["outlier"]
+            print(json.dumps({"bench": "qc_clean_flags", "bundle": bundle, "scans": name, **verdicts,
+                              "outlier_fraction_of_judged": round(verdicts["outlier"] / judged, 4)}), flush=True)
 
 
 if __name__ == "__main__":
