@@ -73,9 +73,9 @@ def scan_qc(
         features, ``z_<feature>`` (robust z-score), ``out_<feature>``, ``outliers``, ``partial``,
         ``partial_too_large``, ``components``, ``expected_components`` ``[min, max]``, ``components_ok``, ``verdict``.
     """
-    from custom.io import InputError
-
     taxonomy = taxonomy or reference.taxonomy
+    if taxonomy not in TO_UKBOB or taxonomy != reference.taxonomy:
+        from custom.io import InputError  # only here: QC itself needs no MONAI
     if taxonomy not in TO_UKBOB:
         raise InputError(None, f"unknown taxonomy {taxonomy!r}", f"use one of {', '.join(sorted(TO_UKBOB))}")
     if taxonomy != reference.taxonomy:
