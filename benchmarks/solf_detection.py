@@ -9,6 +9,12 @@ For each error kind, ``--rate`` of the subjects (default 10%) get one organ corr
   eps = 2, rejected when >= 2 of 3 features are outliers (``custom.solf.cohort``);
 - IQR (the paper's baseline): per organ, organ volume (mL) outside [Q1 - 1.5 IQR, Q3 + 1.5 IQR].
 
+SOLF runs three times on the same tables: with stage A's border flag (organs within 3 voxels of the
+field of view are "partial": fitted apart from whole masks and judged against the partial masks of
+their organ with ``cohort.DEFAULT_PARTIAL_EPS``, the default), with partial masks never judged
+(``partial not judged``), and without the flag (``no border``, every mask in one fit, the rule before
+the flag existed).
+
 A rejection is a true positive when the (subject, organ) mask is one the error made wrong.
 Prints one JSON line per (kind, filter) with precision, recall, true/false positives, and one line
 with the false-rejection rate on clean masks. ``missing`` leaves no mask to reject (recall is n/a).
@@ -80,14 +86,20 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--eps", default="2,3", help="comma-separated epsilons for SOLF (the paper's default is 2)")
+    ap.add_argument("--cache", help="pickle of the stage-A results: read when it exists, else written (re-decide without stage A)")
     args = ap.parse_args()
     t0 = time.time()
     n_bad = max(1, round(args.rate * args.n))
     rng = np.random.default_rng(2026)
     bad_seeds = {kind: sorted(rng.choice(args.n, n_bad, replace=False).tolist()) for kind in ERROR_KINDS}
     jobs = [(s, None) for s in range(args.n)] + [(s, k) for k, seeds in bad_seeds.items() for s in seeds]
-    with ProcessPoolExecutor(args.workers) as pool:
-        results = dict(zip(jobs, pool.map(subject_rows, *zip(*jobs), chunksize=4)))
+    if args.cache and Path(args.cache).exists():
+        results = pd.read_pickle(args.cache)
+    else:
+        with ProcessPoolExecutor(args.workers) as pool:
+            results = dict(zip(jobs, pool.map(subject_rows, *zip(*jobs), chunksize=4)))
+        if args.cache:
+            pd.to_pickle(results, args.cache)
     clean = {s: results[(s, None)][0] for s in range(args.n)}
     for eps in (float(e) for e in str(args.eps).split(",")):
         evaluate(args, eps, bad_seeds, clean, results)
@@ -108,17 +120,25 @@ def evaluate(args: argparse.Namespace, eps: float, bad_seeds: dict, clean: dict,
                 rows += clean[s]
         table = pd.DataFrame(rows)
         truth = pd.Series([(v, o) in wrong for v, o in zip(table["volume"], table["organ_id"])], index=table.index)
-        thr = cohort.fit(table, eps)
-        dec = cohort.decide(table, thr)
-        solf = pd.Series(dec.set_index(["volume", "organ_id"]).loc[list(zip(table["volume"], table["organ_id"])), "rejected"].to_numpy(), index=table.index)
-        iqr = iqr_reject(table)
-        for name, rej in ((f"SOLF eps={eps:g}", solf), ("IQR-volume", iqr)):
+        keys = list(zip(table["volume"], table["organ_id"]))
+
+        def solf(t: pd.DataFrame, partial_eps: float = cohort.DEFAULT_PARTIAL_EPS) -> pd.Series:
+            dec = cohort.decide(t, cohort.fit(t, eps, partial_eps=partial_eps)).set_index(["volume", "organ_id"])
+            return pd.Series(dec.loc[keys, "rejected"].to_numpy(dtype=bool), index=table.index)
+
+        arms = {f"SOLF eps={eps:g}": solf(table), f"SOLF eps={eps:g} partial not judged": solf(table, float("inf")),
+                f"SOLF eps={eps:g} no border": solf(table.drop(columns="partial")),
+                "IQR-volume": iqr_reject(table)}
+        partial = table["partial"].to_numpy(dtype=bool)
+        for name, rej in arms.items():
             print(json.dumps({"bench": "solf_detection", "kind": kind, "filter": name, "subjects": args.n,
-                              "corrupted": len(seeds), "masks": len(table), **score(rej, truth)}), flush=True)
-        all_clean_fp.append((int((solf & ~truth).sum()), int((iqr & ~truth).sum()), int((~truth).sum())))
-    fp_s, fp_i, neg = (sum(x) for x in zip(*all_clean_fp))
+                              "corrupted": len(seeds), "masks": len(table), "wrong_partial": int((truth & partial).sum()),
+                              **score(rej, truth)}), flush=True)
+        all_clean_fp.append([int((rej & ~truth).sum()) for rej in arms.values()] + [int((~truth).sum()), int((~truth & partial).sum())])
+    *fps, neg, neg_partial = (sum(x) for x in zip(*all_clean_fp))
     print(json.dumps({"bench": "solf_detection", "summary": "false rejection rate of correct masks",
-                      f"SOLF eps={eps:g}": round(fp_s / neg, 4), "IQR-volume": round(fp_i / neg, 4), "correct_masks": neg}), flush=True)
+                      **{name: round(fp / neg, 4) for name, fp in zip(arms, fps)}, "correct_masks": neg,
+                      "correct_masks_partial": neg_partial}), flush=True)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,35 @@ def remap_labels(labels: np.ndarray, mapping: Mapping[int, int], max_id: int | N
     return table[labels.astype(np.int64)]
 
 
+# ---------------------------------------------------------------- label maps SOLF and QC measure
+#: taxonomy of a label map -> {its id: UKBOB id}. SOLF and per-scan QC measure every map in UKBOB ids
+#: (organ names, component ranges); ids without a UKBOB organ become background.
+TO_UKBOB: Mapping[str, Mapping[int, int]] = MappingProxyType(
+    {
+        "ukbob": MappingProxyType({i: i for i in UKBOB_LABELS if i != 0 and i not in UKBOB_UNUSED_IDS}),
+        "btcv": MappingProxyType({b: u for u, b in UKBOB_TO_BTCV.items()}),
+        "totalsegmentator": TOTALSEG_TOTAL_TO_UKBOB,
+        "totalsegmentator_mr": TOTALSEG_MR_TO_UKBOB,
+    }
+)
+#: the largest id a label map of each taxonomy may hold (TotalSegmentator v2 ``total``: 117 costal_cartilages)
+MAX_LABEL_ID: Mapping[str, int] = MappingProxyType(
+    {"ukbob": max(UKBOB_LABELS), "btcv": max(BTCV_LABELS), "totalsegmentator": 117, "totalsegmentator_mr": max(TOTALSEG_MR_LABELS)}
+)
+
+
+def to_ukbob(labels: np.ndarray, taxonomy: str) -> np.ndarray:
+    """A label map of ``taxonomy`` (a key of :data:`TO_UKBOB`) in UKBOB ids, ``uint8``, same shape.
+
+    A UKBOB map comes back as it is (as ``uint8``); ids above :data:`MAX_LABEL_ID` must be checked by
+    the caller (they raise ``IndexError`` here).
+    """
+    labels = np.asarray(labels)
+    if taxonomy == "ukbob":
+        return labels if labels.dtype == np.uint8 else labels.astype(np.uint8)
+    return remap_labels(labels, TO_UKBOB[taxonomy], MAX_LABEL_ID[taxonomy])
+
+
 # ---------------------------------------------------------------- bundle metadata
 @dataclass(frozen=True)
 class Taxonomy:

@@ -16,9 +16,12 @@ and affine); ending in ``.dcm`` with ``--output_type dicom_seg``: a DICOM-SEG of
 complete are skipped (a re-run after a kill redoes only the cases in flight), bad inputs become rows of
 ``errors.csv`` and the run goes on. ``--workers N`` runs N local processes, ``--scheduler`` an
 existing Dask cluster, through the same executor as the SOLF runner (:mod:`custom.parallel`), one model
-load per worker. ``--stats`` also writes, per case, ``<case>_seg.json`` beside the label map (per
-structure: voxels, volume in mL, mean input intensity) and, for a folder, ``statistics.csv`` over the
-cohort.
+load per worker. ``--stats`` also writes, per case, ``<case>_seg.json`` beside the label map, in
+TotalSegmentator's ``statistics.json`` format (:mod:`custom.statistics`: per organ ``volume`` mm^3 and
+``intensity``, plus ``volume_ml``, ``voxels``, ``partial``, ``qc``) and, for a folder,
+``statistics.csv`` over the cohort. ``--qc`` judges every organ against the bundle's
+``models/qc_reference.json`` (:mod:`custom.solf.qc`): ``<case>_seg_qc.json`` and ``_qc.png`` per case
+and, for a folder, ``qc_flags.csv`` (per organ, how many cases got each verdict).
 
 Bad input prints one line ``error: ...`` and exits with code 2 (for a folder: the case is recorded in
 ``errors.csv``); every file is written to a temporary name and renamed into place, so an output is
@@ -103,30 +106,32 @@ def check_model(folder: Path, ckpt: Path, device: str, etta: bool) -> None:
             raise InputError(None, "--device cuda: no CUDA device is available", "use --device cpu")
 
 
-def label_stats(label_file: Path, image: Any, names: Mapping[int, str]) -> dict[str, Any]:
-    """Per label id present: voxels, volume (mL, from the label's affine) and mean image intensity.
+def label_stats(label_file: Path, image: Any, names: Mapping[int, str], qc: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """TotalSegmentator-format statistics of a written label map (:func:`custom.statistics.organ_statistics`).
 
-    ``image`` is the input as loaded by MONAI (channel-first ``(C, H, W, D)``) on the label's grid.
+    ``image`` is the input as loaded by MONAI (channel-first ``(C, H, W, D)``) on the label's grid;
+    ``qc``: the per-scan QC dict whose verdicts fill each organ's ``qc`` field.
     """
     import nibabel as nib
 
+    from custom.statistics import organ_statistics
+
     seg = nib.load(str(label_file))
-    labels = np.asarray(seg.dataobj).astype(np.int64)
-    voxel_ml = abs(float(np.linalg.det(seg.affine[:3, :3]))) / 1000.0
-    img = np.asarray(image, dtype=np.float64)
-    if img.shape[1:] != labels.shape:
-        raise ValueError(f"label grid {labels.shape} differs from the image grid {img.shape[1:]}")
-    organs = {}
-    for label_id in (int(i) for i in np.unique(labels) if i != 0):
-        mask = labels == label_id
-        means = [round(float(channel[mask].mean()), 3) for channel in img]
-        organs[names.get(label_id, f"label_{label_id}")] = {
-            "id": label_id,
-            "voxels": int(mask.sum()),
-            "volume_ml": round(float(mask.sum()) * voxel_ml, 3),
-            "intensity_mean": means[0] if len(means) == 1 else means,
-        }
-    return {"voxel_volume_ml": voxel_ml, "organs": organs}
+    return organ_statistics(np.asarray(seg.dataobj), np.asarray(image), seg.affine, names, qc=qc)
+
+
+def qc_reference_path(spec: Any) -> Path:
+    """The bundle's cohort reference for ``--qc``, loaded once here so a bad or missing one fails before
+    any network runs (:class:`InputError`)."""
+    from custom.solf.reference import load as load_reference
+
+    path = Path(spec.folder) / "models" / "qc_reference.json"
+    load_reference(path, _bundle_key(spec))
+    return path
+
+
+def _bundle_key(spec: Any) -> str:
+    return next(key for key, (folder, _) in BUNDLES.items() if folder == Path(spec.folder).name)
 
 
 # ---------------------------------------------------------------- one case, in whichever process runs it
@@ -139,10 +144,11 @@ def _predictor(spec: Any, output_dir: str) -> Any:
 
 
 def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: bool = False, bundle: str = "btcv",
-                 output_type: str = "nifti") -> dict[str, Any]:
+                 output_type: str = "nifti", qc_reference: str | None = None) -> dict[str, Any]:
     """Segment ``image`` into ``output`` (and its stats JSON) with this process's predictor.
 
     ``output_type="dicom_seg"``: ``image`` must be a DICOM series folder; ``output`` is its DICOM-SEG.
+    ``qc_reference``: a cohort reference file; the case's QC goes to ``<output stem>_qc.json`` / ``.png``.
 
     Returns ``{"image", "output", "seconds"}``, or with ``"error"`` (one line) when the input is bad.
     The label map is renamed into place last, so its presence means the case is complete.
@@ -154,12 +160,24 @@ def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: boo
 
             check_request(image, output)
         staged = _predictor(spec, output_dir).predict(image)
-        if stats:
+        qc = None
+        if stats or qc_reference:
             from custom.io import load_image_checked
 
-            table = label_stats(staged, load_image_checked(image), BUNDLES[bundle][1])
-            table.update(input=str(image), bundle=Path(spec.folder).name, etta=bool(spec.etta))
-            atomic_write_text(stats_path(output), json.dumps(table, indent=2) + "\n")
+            pixels = np.asarray(load_image_checked(image))
+        if qc_reference:
+            import nibabel as nib
+
+            from custom.solf.qc import write_case
+            from custom.solf.reference import load as load_reference
+
+            seg = nib.load(str(staged))
+            qc = write_case(output, np.asarray(seg.dataobj), seg.affine, load_reference(qc_reference, bundle), pixels, bundle,
+                            extra={"input": str(image), "bundle": Path(spec.folder).name, "etta": bool(spec.etta)})
+        if stats:
+            from custom.statistics import write_statistics
+
+            write_statistics(stats_path(output), label_stats(staged, pixels, BUNDLES[bundle][1], qc))
         if output_type == "dicom_seg":
             from custom.dicom_seg import bundle_version, nifti_to_dicom_seg
 
@@ -177,7 +195,7 @@ def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: boo
             return {"image": image, "output": output, "error": str(err), "bad_input": True}
         return {"image": image, "output": output, "error": f"{type(exc).__name__}: {exc}", "bad_input": False,
                 "traceback": traceback.format_exc()}
-    return {"image": image, "output": output, "seconds": time.perf_counter() - start}
+    return {"image": image, "output": output, "seconds": time.perf_counter() - start, "qc": qc}
 
 
 def _spec(bundle: str, model: str | os.PathLike | None, device: str | None, etta: bool,
@@ -202,8 +220,9 @@ def segment(
     bundles_root: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
     output_type: str = "nifti",
+    qc: bool = False,
 ) -> Path:
-    """Run ``bundle``'s inference.json on one volume; write ``output`` (and its stats); return it.
+    """Run ``bundle``'s inference.json on one volume; write ``output`` (and its stats / QC); return it.
 
     ``output_type="dicom_seg"``: ``input_path`` must be a DICOM series folder and ``output`` a ``.dcm``
     file; the label map is written as a DICOM-SEG of that series (``custom.dicom_seg``)."""
@@ -221,13 +240,14 @@ def segment(
 
         check_request(input_path, output)  # a series folder in, .dcm out, before any network runs
     spec = _spec(bundle, model, device, etta, bundles_root, overrides)
+    reference = str(qc_reference_path(spec)) if qc else None
     items = inference_datalist(input_path)
     if len(items) != 1:
         raise InputError(input_path, f"holds {len(items)} volumes; a .nii.gz output takes one",
                          "give an output folder instead (-o OUTDIR) to segment them all")
     _log(f"{Path(spec.folder).name} on {input_path.name} ({spec.device}{', ETTA' if etta else ''})")
     try:
-        result = segment_case(spec, str(output.parent), items[0]["image"], str(output), stats, bundle, output_type)
+        result = segment_case(spec, str(output.parent), items[0]["image"], str(output), stats, bundle, output_type, reference)
     finally:
         _predictor.cache_clear()
         _remove_staging(output.parent)
@@ -235,7 +255,12 @@ def segment(
         if result["bad_input"]:
             raise InputError(None, result["error"])
         raise RuntimeError(f"{result['error']}\n{result['traceback']}")
-    _log(f"wrote {output}" + (f" and {stats_path(output).name}" if stats else "") + f" ({result['seconds']:.1f} s)")
+    written = [output.name] + [stats_path(output).name] * stats
+    if qc:
+        from custom.solf.qc import qc_paths
+
+        written.append(f"{qc_paths(output)[0].name} ({_flag_summary(result['qc'])})")
+    _log(f"wrote {', '.join(written)} in {output.parent} ({result['seconds']:.1f} s)")
     return output
 
 
@@ -245,8 +270,17 @@ def _remove_staging(output_dir: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _is_complete(output: Path, stats: bool) -> bool:
-    return output.is_file() and (not stats or stats_path(output).is_file())
+def _is_complete(output: Path, stats: bool, qc: bool) -> bool:
+    from custom.solf.qc import qc_paths
+
+    return output.is_file() and (not stats or stats_path(output).is_file()) and (not qc or qc_paths(output)[0].is_file())
+
+
+def _flag_summary(qc: Mapping[str, Any] | None) -> str:
+    from custom.solf.qc import flagged_organs
+
+    flagged = flagged_organs(qc or {"organs": {}})
+    return f"{len(flagged)} organ(s) flagged" if flagged else "no organ flagged"
 
 
 def segment_cohort(
@@ -263,6 +297,7 @@ def segment_cohort(
     scheduler: str | None = None,
     quiet: bool = True,
     output_type: str = "nifti",
+    qc: bool = False,
 ) -> dict[str, Any]:
     """Segment every case of ``input_path`` into ``output_dir``; skip complete cases; report bad ones.
 
@@ -274,6 +309,7 @@ def segment_cohort(
 
     output_dir = check_writable_dir(Path(output_dir).expanduser().resolve())
     spec = _spec(bundle, model, device, etta, bundles_root, overrides)
+    reference = str(qc_reference_path(spec)) if qc else None
     items = inference_datalist(Path(input_path).expanduser().resolve(), check=False)
     cases: dict[str, str] = {}
     for item in items:
@@ -282,12 +318,12 @@ def segment_cohort(
             raise InputError(item["image"], f"two inputs are named {name!r} ({cases[name]})", "give each case a distinct file name")
         cases[name] = item["image"]
     outputs = {name: output_dir / f"{name}_seg{OUTPUT_SUFFIXES[output_type]}" for name in cases}
-    todo = [name for name in cases if not _is_complete(outputs[name], stats)]
+    todo = [name for name in cases if not _is_complete(outputs[name], stats, qc)]
     _remove_staging(output_dir)  # what a killed run left half-done
     _log(f"{Path(spec.folder).name} on {len(cases)} case(s) ({spec.device}{', ETTA' if etta else ''}): "
          f"{len(cases) - len(todo)} already done, {len(todo)} to segment")
 
-    args = [(spec, str(output_dir), cases[name], str(outputs[name]), stats, bundle, output_type) for name in todo]
+    args = [(spec, str(output_dir), cases[name], str(outputs[name]), stats, bundle, output_type, reference) for name in todo]
     errors: list[dict[str, Any]] = []
     finished = 0
     try:
@@ -309,6 +345,10 @@ def segment_cohort(
     _write_errors(output_dir, errors)
     if stats:
         _write_statistics(output_dir, {name: stats_path(outputs[name]) for name in cases})
+    if qc:
+        from custom.solf.qc import qc_paths
+
+        _write_qc_flags(output_dir, {name: qc_paths(outputs[name])[0] for name in cases})
     done = finished - len(errors)
     _log(f"{done} segmented, {len(cases) - len(todo)} skipped, {len(errors)} failed" +
          (f" (see {output_dir / ERRORS_CSV})" if errors else "") + f"; outputs in {output_dir}")
@@ -324,7 +364,7 @@ def _report(result: Mapping[str, Any], i: int, n: int, errors: list[dict[str, An
         if not result["bad_input"]:
             print(result["traceback"], file=sys.stderr, flush=True)
     else:
-        _log(f"{i}/{n} {name}: {result['seconds']:.1f} s")
+        _log(f"{i}/{n} {name}: {result['seconds']:.1f} s" + (f", {_flag_summary(result['qc'])}" if result["qc"] else ""))
 
 
 def _write_errors(output_dir: Path, errors: Sequence[Mapping[str, Any]]) -> None:
@@ -341,15 +381,26 @@ def _write_errors(output_dir: Path, errors: Sequence[Mapping[str, Any]]) -> None
 
 
 def _write_statistics(output_dir: Path, stats_files: Mapping[str, Path]) -> None:
-    """``statistics.csv``: one row per case and structure (``case, id, structure, voxels, volume_ml``)."""
+    """``statistics.csv``: one row per case and organ present (``case, structure, voxels, volume_ml,
+    intensity, partial, qc``)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "id", "structure", "voxels", "volume_ml"])
+    columns = ["voxels", "volume_ml", "intensity", "partial", "qc"]
+    writer.writerow(["case", "structure", *columns])
     for name, path in sorted(stats_files.items()):
         if path.is_file():
-            for organ, entry in json.loads(path.read_text())["organs"].items():
-                writer.writerow([name, entry["id"], organ, entry["voxels"], entry["volume_ml"]])
+            for organ, entry in json.loads(path.read_text()).items():
+                if entry["voxels"]:
+                    writer.writerow([name, organ, *(entry[c] for c in columns)])
     atomic_write_text(output_dir / STATISTICS_CSV, buf.getvalue())
+
+
+def _write_qc_flags(output_dir: Path, qc_files: Mapping[str, Path]) -> None:
+    """``qc_flags.csv``: per organ, how many cases got each QC verdict (:func:`custom.solf.qc.flag_table`)."""
+    from custom.solf.qc import flag_table
+
+    cases = {name: json.loads(path.read_text()) for name, path in qc_files.items() if path.is_file()}
+    atomic_write_text(output_dir / "qc_flags.csv", flag_table(cases).to_csv(index=False))
 
 
 def _cuda() -> bool:
@@ -374,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> Path | dict[str, Any]:
     parser.add_argument("--bundle", choices=sorted(BUNDLES), default="btcv", help="which Swin-BOB bundle (default btcv)")
     parser.add_argument("--etta", action="store_true", help="entropy test-time adaptation (the bundle's use_etta)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--stats", action="store_true", help="also write per-structure volume (mL) and mean intensity JSON")
+    parser.add_argument("--stats", action="store_true", help="also write per-organ statistics (TotalSegmentator statistics.json format)")
+    parser.add_argument("--qc", action="store_true", help="per-organ QC against the bundle's models/qc_reference.json: <case>_qc.json / _qc.png")
     parser.add_argument("--workers", type=int, default=1, help="local worker processes for a folder (default 1: this process)")
     parser.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--model", help="weights to use instead of the bundle's models/model.pt")
@@ -387,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> Path | dict[str, Any]:
     args = parser.parse_args(argv)
     _quiet(args.verbose)
     kwargs = dict(bundle=args.bundle, etta=args.etta, device=args.device, stats=args.stats, model=args.model,
-                  bundles_root=args.bundles_root, overrides=parse_overrides(args.override), output_type=args.output_type)
+                  bundles_root=args.bundles_root, overrides=parse_overrides(args.override), output_type=args.output_type, qc=args.qc)
     if args.output.endswith((*NIFTI_SUFFIXES, ".dcm")):
         if args.workers > 1 or args.scheduler:
             raise InputError(args.output, "--workers/--scheduler need an output folder", "give -o a folder name")

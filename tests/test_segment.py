@@ -43,7 +43,7 @@ def test_cli_on_nifti_with_stats(tiny_model: Path, btcv_sample: Path, tmp_path: 
     out = tmp_path / "seg" / "crop_seg.nii.gz"
     proc = subprocess.run(
         [sys.executable, "-m", "custom.segment", "-i", str(image), "-o", str(out), "--bundle", "btcv", "--device", "cpu",
-         "--stats", "--model", str(tiny_model), "--override", *TINY],
+         "--stats", "--qc", "--model", str(tiny_model), "--override", *TINY],
         capture_output=True, text=True, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -52,19 +52,22 @@ def test_cli_on_nifti_with_stats(tiny_model: Path, btcv_sample: Path, tmp_path: 
     np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
     labels = np.asarray(seg.dataobj)
     assert labels.dtype == np.uint8 and labels.max() < 14
-    assert sorted(p.name for p in out.parent.iterdir()) == ["crop_seg.json", "crop_seg.nii.gz"]  # no temp left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["crop_seg.json", "crop_seg.nii.gz", "crop_seg_qc.json", "crop_seg_qc.png"]
 
+    # TotalSegmentator's statistics.json: every organ of the taxonomy, volume in mm^3 (0 when cut by the
+    # border), mean intensity; our fields beside them
     stats = json.loads(stats_path(out).read_text())
-    assert stats["voxel_volume_ml"] == pytest.approx(0.027)  # 3 mm isotropic voxels
+    assert list(stats) == [n for i, n in BTCV_LABELS.items() if i]
+    qc = json.loads((out.parent / "crop_seg_qc.json").read_text())
     hu = np.asarray(src.dataobj, dtype=np.float64)
-    present = [int(i) for i in np.unique(labels) if i]
-    assert sorted(v["id"] for v in stats["organs"].values()) == present
-    for name, entry in stats["organs"].items():
-        mask = labels == entry["id"]
-        assert name == BTCV_LABELS[entry["id"]]
-        assert entry["voxels"] == int(mask.sum())
-        assert entry["volume_ml"] == pytest.approx(mask.sum() * 0.027, abs=1e-3)
-        assert entry["intensity_mean"] == pytest.approx(hu[mask].mean(), abs=1e-2)
+    for label_id, name in ((i, n) for i, n in BTCV_LABELS.items() if i):
+        entry, mask = stats[name], labels == label_id
+        assert entry["voxels"] == int(mask.sum()) and entry["volume_ml"] == pytest.approx(mask.sum() * 0.027, abs=1e-3)
+        if entry["partial"] or not mask.any():
+            assert entry["volume"] == 0.0 and entry["intensity"] == 0.0
+        else:
+            assert entry["volume"] == pytest.approx(mask.sum() * 27.0) and entry["intensity"] == pytest.approx(hu[mask].mean(), abs=1e-4)
+        assert entry["qc"] == (qc["organs"][name]["verdict"] if mask.any() else None)
 
 
 @pytest.mark.slow
@@ -142,18 +145,24 @@ def _run(*argv: str, **kwargs) -> subprocess.CompletedProcess:
 def test_cohort_with_a_bad_file_goes_on_and_reports_it(tiny_model: Path, btcv_sample: Path, tmp_path: Path) -> None:
     cohort = _cohort(btcv_sample, tmp_path / "in", ["a", "b"], bad=True)
     out = tmp_path / "out"
-    proc = _run("-i", str(cohort), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--stats", "--override", *TINY)
+    proc = _run("-i", str(cohort), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--stats", "--qc",
+                "--override", *TINY)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == [
-        "a_seg.json", "a_seg.nii.gz", "b_seg.json", "b_seg.nii.gz", "errors.csv", "statistics.csv"]  # no staging left
+    per_case = [f"{c}_seg{s}" for c in "ab" for s in (".json", ".nii.gz", "_qc.json", "_qc.png")]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*per_case, "errors.csv", "qc_flags.csv", "statistics.csv"])
     rows = list(csv.DictReader((out / "errors.csv").open()))
     assert [(r["case"], Path(r["image"]).name) for r in rows] == [("broken", "broken.nii.gz")]
     assert "cannot be read as an image" in rows[0]["error"]
     labels = np.asarray(nib.load(out / "a_seg.nii.gz").dataobj)
     table = list(csv.DictReader((out / "statistics.csv").open()))
     assert {r["case"] for r in table} == {"a", "b"}
+    ids = {name: i for i, name in BTCV_LABELS.items()}
+    assert {ids[r["structure"]] for r in table if r["case"] == "a"} == {int(i) for i in np.unique(labels) if i}
     for row in (r for r in table if r["case"] == "a"):
-        assert int(row["voxels"]) == int((labels == int(row["id"])).sum())
+        assert int(row["voxels"]) == int((labels == ids[row["structure"]]).sum())
+    flags = list(csv.DictReader((out / "qc_flags.csv").open()))
+    qc_a = json.loads((out / "a_seg_qc.json").read_text())
+    assert sum(int(r[qc_a["organs"][r["organ"]]["verdict"]]) for r in flags if r["organ"] in qc_a["organs"]) >= len(qc_a["organs"])
     # quiet: the command's own lines only (one per step and case), nothing on stdout
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()

@@ -93,3 +93,30 @@ def test_apply_decision_transform_looks_up_the_volume_by_path(tmp_path) -> None:
     assert t({"label": lab_b})["label"].flatten().tolist() == [0, 1, 5]
     with pytest.raises(KeyError, match="not in the SOLF decisions"):
         t({"label": MetaTensor(torch.zeros(1, 1, 1, 1), meta={"filename_or_obj": "/x/c.nii.gz"})})
+
+
+def test_partial_masks_are_fitted_apart_and_judged_only_against_partial_ones() -> None:
+    """An organ cut by the field of view (stage A's ``partial``) is never compared with whole organs."""
+    t = cohort_of_20()
+    t["partial"] = False
+    cut = cohort_of_20().assign(volume=lambda x: "p" + x["volume"], partial=True)
+    cut[["norm_volume", "sphericity"]] = cut[["norm_volume", "sphericity"]] * 0.5  # cut in half, flatter
+    both = pd.concat([t, cut], ignore_index=True)
+    thr = cohort.fit(both)
+    assert thr["partial"].tolist() == [False, True] and thr["n"].tolist() == [20, 20]
+    whole = thr[~thr["partial"]].iloc[0]
+    assert whole["norm_volume_median"] == pytest.approx(0.10) and whole["norm_volume_hi"] == pytest.approx(0.10 + 2 * whole["norm_volume_sd"])
+    part = thr[thr["partial"]].iloc[0]  # the wider band: partial_eps robust SDs
+    assert part["norm_volume_hi"] - part["norm_volume_median"] == pytest.approx(cohort.DEFAULT_PARTIAL_EPS * part["norm_volume_sd"])
+    dec = cohort.decide(both, thr)
+    assert dec["rejected"].sum() == 0 and dec["partial"].sum() == 20  # half organs: normal among cut ones
+    # judged against the whole organs' band instead, every half organ would be rejected
+    assert ((cut["norm_volume"] < whole["norm_volume_lo"]) & (cut["sphericity"] < whole["sphericity_lo"])).all()
+    gross = both.copy()
+    gross.loc[25, ["norm_volume", "sphericity"]] = (0.5, 0.1)  # a cut organ grossly wrong even among cut ones
+    dec = cohort.decide(gross, cohort.fit(gross)).set_index("volume")
+    assert dec.loc["pv05", "rejected"] and dec["rejected"].sum() == 1
+    never = cohort.decide(gross, cohort.fit(gross, partial_eps=float("inf")))
+    assert never["rejected"].sum() == 0 and not never.loc[never["partial"], "outliers"].any()
+    # a table from before the flag (no column) is all whole, as before
+    assert "partial" not in cohort_of_20() and not cohort.fit(cohort_of_20())["partial"].any()

@@ -209,3 +209,17 @@ def test_components_from_runs_equal_scipy_labelling_per_organ(order, density) ->
         ]
         np.testing.assert_allclose(sorted(got), sorted(expected))
     assert len(comps.label) - 1 == n_expected > 10
+
+
+def test_partial_flag_follows_the_three_voxel_border_rule() -> None:
+    """TotalSegmentator's rule: a mask with a voxel in the first or last 3 slices of any axis is cut by the scan."""
+    from custom.solf.features import BORDER_MARGIN, volume_features
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[8:12, 8:12, 8:12] = 1  # inside
+    labels[3:6, 8:12, 8:12] = 2  # first voxel at index 3: just clear of the margin
+    labels[8:12, 8:12, 16:18] = 3  # index 17 of 20: within the last 3 slices
+    labels[8:12, 0:2, 2:5] = 5  # at the start of an axis
+    _, rows = volume_features(labels, np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert BORDER_MARGIN == 3
+    assert {r.organ_id: r.partial for r in rows} == {1: False, 2: False, 3: True, 5: True}

@@ -33,12 +33,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from custom.labels import IGNORE_LABEL, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, UKBOB_UNUSED_IDS
+from custom.labels import IGNORE_LABEL, MAX_LABEL_ID, TO_UKBOB, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, UKBOB_UNUSED_IDS, to_ukbob
 from custom.parallel import Executor
 from custom.solf import cohort
 from custom.solf.features import DEFAULT_MIN_FRACTION, FEATURES, volume_features
 
-STAGE_A_VERSION = 1  # bump when stage-A outputs change meaning: old per-volume results are recomputed
+STAGE_A_VERSION = 2  # bump when stage-A outputs change meaning: old per-volume results are recomputed (2: partial flag)
 ERROR_COLUMNS = ["volume", "label", "stage", "error"]
 
 
@@ -56,6 +56,7 @@ class StageAConfig:
     min_fraction: float = DEFAULT_MIN_FRACTION
     clean: bool = True
     body: str = "labels"  # "labels": union of labels; "image": image foreground
+    taxonomy: str = "ukbob"  # ids of the label files (a key of custom.labels.TO_UKBOB); measured in UKBOB ids
 
     def fingerprint(self) -> str:
         text = json.dumps({**asdict(self), "version": STAGE_A_VERSION}, sort_keys=True)
@@ -91,11 +92,11 @@ def result_path(output_dir: Path, volume: str) -> Path:
     return output_dir / "stage_a" / f"{hashlib.sha1(volume.encode()).hexdigest()[:20]}.json"
 
 
-def load_labels(path: str, max_id: int = max(UKBOB_LABELS)) -> tuple[np.ndarray, np.ndarray, Any]:
+def load_labels(path: str, max_id: int = max(UKBOB_LABELS), unused: frozenset[int] = UKBOB_UNUSED_IDS) -> tuple[np.ndarray, np.ndarray, Any]:
     """Read and validate one label map: ``(integer array (H, W, D), affine, nibabel header)``.
 
     Raises :class:`BadVolume` for a missing, unreadable, non-3D or non-integer file, ids outside
-    the taxonomy (``0..max_id`` without the unused ids), or a zero/NaN voxel spacing.
+    the taxonomy (``0..max_id`` without the ``unused`` ids), or a zero/NaN voxel spacing.
     """
     import nibabel as nib
 
@@ -123,9 +124,9 @@ def load_labels(path: str, max_id: int = max(UKBOB_LABELS)) -> tuple[np.ndarray,
         raise BadVolume(f"{path}: negative label ids. Fix: use ids 0..{max_id}")
     top = int(arr.max())
     # one compare per unused id (there are few), not a histogram of the whole volume
-    bad = sorted({i for i in UKBOB_UNUSED_IDS if i <= top and (arr == i).any()} | (set(np.unique(arr[arr > max_id]).tolist()) if top > max_id else set()))
+    bad = sorted({i for i in unused if i <= top and (arr == i).any()} | (set(np.unique(arr[arr > max_id]).tolist()) if top > max_id else set()))
     if bad:
-        raise BadVolume(f"{path}: label ids {bad[:5]} are outside the taxonomy (0..{max_id}). Fix: remap the labels to UKBOB ids")
+        raise BadVolume(f"{path}: label ids {bad[:5]} are outside the taxonomy (0..{max_id}). Fix: remap the labels to UKBOB ids or give their --taxonomy")
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise BadVolume(f"{path}: the voxel-to-mm matrix is degenerate (zero or NaN spacing). Fix: repair the header's pixdim/sform")
@@ -139,7 +140,8 @@ def stage_a_volume(item: Item, output_dir: str, config: StageAConfig) -> dict[st
     """
     out = result_path(Path(output_dir), item.volume)
     try:
-        labels, affine, _ = load_labels(item.label)
+        labels, affine, _ = load_labels(item.label, MAX_LABEL_ID[config.taxonomy], UKBOB_UNUSED_IDS if config.taxonomy == "ukbob" else frozenset())
+        labels = to_ukbob(labels, config.taxonomy)
         image = None
         if config.body == "image" and item.image:
             import nibabel as nib
@@ -279,8 +281,10 @@ def features(
     config: StageAConfig = StageAConfig(),
 ) -> dict[str, Any]:
     """Stage A over a datalist: ``features.parquet`` and ``errors.csv`` (resumes from ``stage_a/``)."""
-    from custom.io import atomic_path, atomic_write_text, check_writable_dir
+    from custom.io import InputError, atomic_path, atomic_write_text, check_writable_dir
 
+    if config.taxonomy not in TO_UKBOB:
+        raise InputError(None, f"unknown taxonomy {config.taxonomy!r}", f"use one of {', '.join(sorted(TO_UKBOB))}")
     out = check_writable_dir(output_dir)
     items = read_datalist(datalist, keys)
     fp = config.fingerprint()
@@ -314,8 +318,16 @@ def fit(
     min_votes: int = 2,
     use_priors: bool = False,
     max_rejected: int = 3,
+    reference: Any = None,
+    partial_eps: float = cohort.DEFAULT_PARTIAL_EPS,
 ) -> dict[str, Any]:
-    """Stage B: ``thresholds.csv`` (per organ) and ``decisions.csv`` (per volume and organ)."""
+    """Stage B: ``thresholds.csv`` (per organ) and ``decisions.csv`` (per volume and organ).
+
+    ``reference``: a :class:`~custom.solf.reference.CohortReference`; when given, every mask is judged
+    against its per-organ fit instead of this cohort's own (``min_samples`` is then the reference's;
+    it holds whole organs only, so partial masks are not judged). ``partial_eps``: the band for partial
+    masks among the partial masks of their organ (:func:`cohort.fit`; ``inf``: never judged).
+    """
     from custom.io import atomic_write_text
 
     out = Path(output_dir)
@@ -324,13 +336,14 @@ def fit(
         thr = pd.DataFrame(columns=["organ_id", "organ", "n", "fitted"])
         dec = pd.DataFrame(columns=cohort.DECISION_COLUMNS)
     else:
-        thr = cohort.fit(table, eps, min_samples)
+        thr = reference.thresholds(eps) if reference is not None else cohort.fit(table, eps, min_samples, float(partial_eps))
         dec = cohort.decide(table, thr, action, min_votes, use_priors, max_rejected=max_rejected)
         thr = cohort.summary(dec, thr)
     atomic_write_text(out / "thresholds.csv", thr.to_csv(index=False))
     atomic_write_text(out / "decisions.csv", dec.to_csv(index=False))
     settings = {"eps": eps, "action": action, "min_samples": min_samples, "min_votes": min_votes,
-                "use_priors": use_priors, "max_rejected": max_rejected}
+                "use_priors": use_priors, "max_rejected": max_rejected, "partial_eps": float(partial_eps),
+                "reference": dict(reference.provenance, taxonomy=reference.taxonomy) if reference is not None else None}
     atomic_write_text(out / "fit_settings.json", json.dumps(settings, indent=2))
     return {"organs": len(thr), "masks": len(dec), "rejected": int(dec["rejected"].sum()) if len(dec) else 0}
 
@@ -433,9 +446,10 @@ def _plot_organs(dec: pd.DataFrame, thr: pd.DataFrame, folder: Path) -> None:
     from custom.io import atomic_path
 
     folder.mkdir(exist_ok=True)
-    thr = thr.set_index("organ_id")
+    thr = thr[~cohort.partial_flags(thr)].set_index("organ_id")  # dashed lines: the whole masks' band
     for organ_id, grp in dec.groupby("organ_id"):
-        t = thr.loc[organ_id]
+        # an organ the thresholds do not know (judged against a reference without it): no dashed lines
+        t = thr.loc[organ_id] if organ_id in thr.index else pd.Series({"organ": grp["organ"].iloc[0], "fitted": False})
         bad = grp["rejected"].astype(bool).to_numpy()
         fig = Figure(figsize=(9, 2.6), dpi=72)
         FigureCanvasAgg(fig)
@@ -468,11 +482,12 @@ def run(
     min_fraction: float = DEFAULT_MIN_FRACTION,
     body: str = "labels",
     plots: bool = True,
+    partial_eps: float = cohort.DEFAULT_PARTIAL_EPS,
 ) -> dict[str, Any]:
     """All of SOLF: stage A, stage B, filtered labels, report. Returns the summary (also printed)."""
     config = StageAConfig(min_fraction=min_fraction, body=body)
     stage_a = features(datalist, output_dir, workers, scheduler, keys, config)
-    fit(output_dir, eps, action, min_samples, use_priors=use_priors)
+    fit(output_dir, eps, action, min_samples, use_priors=use_priors, partial_eps=partial_eps)
     applied = apply(datalist, output_dir, workers, scheduler, keys, config)
     summary = {"stage_a": stage_a, "apply": applied, **report(output_dir, plots)}
     print(json.dumps(summary), flush=True)

@@ -25,6 +25,9 @@ from custom.solf import kernels
 #: a component is kept only if it has at least this fraction of the organ's largest component
 DEFAULT_MIN_FRACTION = 0.01
 FEATURES = ("norm_volume", "sphericity", "eccentricity")
+#: an organ whose mask comes within this many voxels of the field-of-view border is "partial"
+#: (TotalSegmentator's ``touches_border`` rule): the scan cuts it, so its shape is not judged
+BORDER_MARGIN = 3
 
 
 def voxel_matrix(affine: np.ndarray | None) -> np.ndarray:
@@ -279,6 +282,18 @@ class OrganFeatures:
     bbox_y1: int
     bbox_z0: int
     bbox_z1: int
+    partial: bool = False  #: the kept mask reaches within :data:`BORDER_MARGIN` voxels of the volume's border
+
+
+def touches_border(lo: np.ndarray, hi: np.ndarray, shape: Sequence[int], margin: int = BORDER_MARGIN) -> np.ndarray:
+    """Which boxes reach within ``margin`` voxels of the border of a volume of ``shape``.
+
+    ``lo`` / ``hi``: ``(n, 3)`` box starts (inclusive) and ends (exclusive) in voxels. The same rule as
+    TotalSegmentator's ``statistics.touches_border`` (any voxel in the first or last ``margin`` slices
+    of an axis). Returns ``(n,)`` bool.
+    """
+    lo, hi = np.asarray(lo).reshape(-1, 3), np.asarray(hi).reshape(-1, 3)
+    return ((lo < margin) | (hi > np.asarray(shape) - margin)).any(axis=1)
 
 
 def _shapes(voxels: np.ndarray, first: np.ndarray, second: np.ndarray, area_mm2: np.ndarray, affine: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -365,6 +380,7 @@ def volume_features(
     body_ml = body_volume_ml(labels, affine, image) if image is not None else float(voxels.sum()) * voxel_volume_ml(affine)
     areas = _surface_areas(labels, voxel_spacing(affine), int(organs.max(initial=0)) + 1)[organs]
     f = _shapes(voxels, first, second, areas, affine)
+    partial = touches_border(box_lo, box_hi, labels.shape)
     rows = []
     for k, organ in enumerate(organs.tolist()):
         before, after = counts[organ]
@@ -376,7 +392,7 @@ def volume_features(
                 components_before=before, components_after=after,
                 centroid_x=float(f["centroid"][k, 0]), centroid_y=float(f["centroid"][k, 1]), centroid_z=float(f["centroid"][k, 2]),
                 bbox_x0=int(box_lo[k, 0]), bbox_x1=int(box_hi[k, 0]), bbox_y0=int(box_lo[k, 1]), bbox_y1=int(box_hi[k, 1]),
-                bbox_z0=int(box_lo[k, 2]), bbox_z1=int(box_hi[k, 2]),
+                bbox_z0=int(box_lo[k, 2]), bbox_z1=int(box_hi[k, 2]), partial=bool(partial[k]),
             )
         )
     return labels, rows

@@ -4,6 +4,8 @@
 - :class:`SOLFFeatures` / ``d``: stage-A features of a label map (a list of per-organ records).
 - :class:`ApplySOLFDecision` / ``d``: stage-B decisions (``decisions.csv``) applied on the fly:
   rejected organs become the ignore value (or background).
+- :class:`SOLFQC` / ``d``: per-scan QC of a predicted label map against a cohort reference
+  (:mod:`custom.solf.qc`), for a ``qc`` step in a bundle's ``inference.json`` postprocessing.
 
 Label maps go in channel-first ``(1, H, W, D)`` (as after ``EnsureChannelFirstd``), as MetaTensor or
 NumPy; spacing comes from the MetaTensor's affine (or ``affine=``). Outputs keep type and metadata.
@@ -11,6 +13,7 @@ NumPy; spacing comes from the MetaTensor's affine (or ``affine=``). Outputs keep
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Hashable, Mapping
 
@@ -223,4 +226,67 @@ class ApplySOLFDecisiond(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.apply(d[key])
+        return d
+
+
+class SOLFQC(Transform):
+    """Per-scan QC of one label map against a cohort reference: the QC dict of :func:`custom.solf.qc.scan_qc`.
+
+    Input: label map ``(1, H, W, D)`` in ``taxonomy`` ids (spacing from its MetaTensor affine, or
+    ``affine=``). ``reference``: path of a reference file (``models/qc_reference.json``), loaded once and
+    checked against ``taxonomy``.
+    """
+
+    def __init__(self, reference: str | Path, taxonomy: str, eps: float | None = None):
+        from custom.solf.cohort import DEFAULT_EPS
+        from custom.solf.reference import load
+
+        self.reference, self.taxonomy = load(reference, taxonomy), taxonomy
+        self.eps = DEFAULT_EPS if eps is None else float(eps)
+
+    def __call__(self, label: Any, affine: np.ndarray | None = None) -> dict[str, Any]:
+        from custom.solf.qc import scan_qc
+
+        return scan_qc(_as_numpy_3d(label), _affine(label, affine), self.reference, self.taxonomy, self.eps)
+
+
+class SOLFQCd(MapTransform):
+    """Dictionary version of :class:`SOLFQC`, usable as a ``qc`` step after ``postprocessing``.
+
+    Stores the QC dict under ``qc_key``; with ``output_dir`` also writes ``<case>_qc.json`` and
+    ``<case>_qc.png`` there (case name from the label's ``filename_or_obj``; the PNG shows the
+    flagged organs on ``image_key``, which must be on the label's grid, e.g. after ``Invertd``).
+    The data pass through unchanged. Example (``inference.json``)::
+
+        "qc": {"_target_": "custom.solf.transforms.SOLFQCd", "keys": "pred", "image_key": "image",
+               "reference": "$@bundle_root + '/models/qc_reference.json'", "taxonomy": "btcv",
+               "output_dir": "@output_dir"}
+    """
+
+    def __init__(self, keys: KeysCollection, reference: str | Path, taxonomy: str, image_key: str | None = None,
+                 output_dir: str | Path | None = None, qc_key: str = "qc", eps: float | None = None,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.qc = SOLFQC(reference, taxonomy, eps)
+        self.image_key, self.qc_key = image_key, qc_key
+        self.output_dir = Path(output_dir) if output_dir else None
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from custom.solf.qc import qc_paths, save_qc_png
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            result = self.qc(label)
+            d[self.qc_key] = result
+            if self.output_dir is not None:
+                from custom.io import atomic_write_text
+                from custom.visualize import _case_name
+
+                name = _case_name(getattr(label, "meta", None), "case")
+                json_path, png_path = qc_paths(self.output_dir / f"{name}.nii.gz")
+                atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
+                image = d.get(self.image_key) if self.image_key else None
+                image = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+                save_qc_png(png_path, result, _as_numpy_3d(label), image, _affine(label, None), title=name)
         return d
