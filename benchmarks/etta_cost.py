@@ -189,9 +189,9 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
 
 def window_backward_pass(net: torch.nn.Module, x: torch.Tensor, inferer: EntropyTTAInferer) -> None:
     """One bare pass over the inferer's windows: forward with gradients on the norm affines, backward, nothing else."""
-    from custom.etta import _WindowPlan
+    from custom.etta import WindowPlan
 
-    plan = _WindowPlan(x, inferer.roi_size, inferer.overlap, inferer.mode, inferer.sigma_scale, inferer.padding_mode, inferer.cval, x.device, x.device)
+    plan = WindowPlan(x, inferer.roi_size, inferer.overlap, inferer.mode, inferer.sigma_scale, inferer.padding_mode, inferer.cval, x.device, x.device)
     params = norm_affine_parameters(net)
     flags = [(p, p.requires_grad) for p in net.parameters()]
     for p, _ in flags:
