@@ -244,6 +244,22 @@ def test_network_restored_after_an_error_in_a_pass(ct_crop):
     assert all(p.grad is None for p in swin.parameters())
 
 
+def test_checkpointed_input_block_same_result_less_memory(ct_crop):
+    """encoder1 (fed by the image) recomputes its activations in the backward pass: same entropies and
+    output, lower peak, and MONAI's forward back afterwards."""
+    swin, x = tiny_swin(out_ch=4), shift(ct_crop[0])[..., :64]
+    results, peaks = {}, {}
+    for ckpt in (True, False):
+        etta = EntropyTTAInferer(ROI, steps=1, lr=1.0, checkpoint_input_blocks=ckpt)
+        with torch.no_grad():
+            peaks[ckpt] = _peak_cpu_bytes(lambda: results.__setitem__(ckpt, etta(x, swin)))
+        results[ckpt] = (results[ckpt], etta.pop_records()[0]["entropy"])
+    assert results[True][1] == results[False][1] and results[True][1][1] < results[True][1][0]
+    assert torch.equal(results[True][0], results[False][0])
+    assert peaks[True] < peaks[False] - 4 * 2**20, peaks  # encoder1: several 12 x 32 x 32 x 64 float maps
+    assert all("forward" not in vars(m) for m in swin.modules())
+
+
 def test_default_adapts_instance_norms_and_affine_option_does_not():
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.ReLU(), nn.Conv3d(4, 2, 1)).eval()
     x = torch.rand(1, 1, 16, 16, 16) * 2

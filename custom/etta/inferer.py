@@ -64,7 +64,7 @@ from torch import nn
 
 from custom.etta.attention import fused_window_attention
 from custom.etta.entropy import entropy_loss_weights, entropy_weights, prob_entropy_mean, weighted_entropy_sum
-from custom.etta.norms import added_norm_affines, norm_affine_parameters
+from custom.etta.norms import added_norm_affines, checkpointed_input_blocks, norm_affine_parameters
 from custom.etta.windows import WindowPlan
 
 __all__ = ["EntropyTTAInferer", "FlipTTAInferer"]
@@ -161,6 +161,9 @@ class EntropyTTAInferer(Inferer):
         fused_attention: run MONAI Swin window attention through ``scaled_dot_product_attention`` during
             ETTA's passes (same output up to float rounding, no attention matrices kept for the backward
             pass); the network's own forward is back after every volume.
+        checkpoint_input_blocks: with ``params="norm"``, recompute in the backward pass the activations of
+            the network's top-level blocks that have added affines but inputs without gradients (Swin-UNETR's
+            full-resolution ``encoder1``) instead of keeping them (:func:`custom.etta.norms.checkpointed_input_blocks`).
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class EntropyTTAInferer(Inferer):
         adapt_fraction: float = 1.0,
         amp: bool | None = None,
         fused_attention: bool = True,
+        checkpoint_input_blocks: bool = True,
     ) -> None:
         super().__init__()
         if steps < 0:
@@ -215,7 +219,7 @@ class EntropyTTAInferer(Inferer):
         self.tau, self.tau_relative, self.w0_floor = tau, bool(tau_relative), float(w0_floor)
         self.activation, self.params, self.margin, self.balance = activation, params, margin, bool(balance)
         self.online, self.adapt_fraction, self.amp = online, adapt_fraction, amp
-        self.fused_attention = bool(fused_attention)
+        self.fused_attention, self.checkpoint_input_blocks = bool(fused_attention), bool(checkpoint_input_blocks)
         self.records: list[dict[str, Any]] = []  # one per volume since the last pop_records()
         # online mode: (network, existing affines, their source values, added affines, optimiser, scaler)
         self._online: tuple[nn.Module, list[nn.Parameter], list[torch.Tensor], list[nn.Parameter] | None, torch.optim.Optimizer, Any] | None = None
@@ -289,6 +293,7 @@ class EntropyTTAInferer(Inferer):
             stack.callback(_restore, network, existing, source, grads, flags, modes)
             added: list[nn.Parameter] = []
             if self.params == "norm" and self.steps > 0:
+                stack.enter_context(checkpointed_input_blocks(network, self.checkpoint_input_blocks))  # finds the affine-less blocks
                 added = stack.enter_context(added_norm_affines(network, carried[3] if carried else None))
             params = existing + added
             if self.steps > 0 and not params:

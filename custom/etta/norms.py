@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["NORM_TYPES", "added_norm_affines", "affineless_norms", "norm_affine_parameters"]
+__all__ = ["NORM_TYPES", "added_norm_affines", "affineless_norms", "checkpointed_input_blocks", "norm_affine_parameters"]
 
 #: normalisation layers whose affine scale/shift ETTA adapts (BatchNorm and InstanceNorm share _NormBase)
 NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
@@ -87,3 +87,39 @@ def added_norm_affines(network: nn.Module, params: Sequence[nn.Parameter] | None
         for m in layers:  # the keys stay where they were: _parameters is an ordered dict with weight/bias = None
             m.register_parameter("weight", None)
             m.register_parameter("bias", None)
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    """The module's class ``forward`` under activation checkpointing when gradients are on and no input needs them."""
+    forward = type(self).forward.__get__(self)
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if torch.is_grad_enabled() and not any(t.requires_grad for t in tensors):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def checkpointed_input_blocks(network: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Within the block, the direct children of ``network`` that hold an affine-less norm layer recompute
+    their activations in the backward pass when called on inputs that need no gradient; yields how many.
+
+    Such a block (Swin-UNETR's ``encoder1``, fed by the image) had no graph at all before its norm layers
+    got adaptable affines; now its full-resolution activations would be kept for the backward pass,
+    although that block's backward runs last, when the rest of the graph is already freed. Checkpointing
+    it keeps only its input; the recomputation is one forward of that block per adapted window, and the
+    result is bit-identical. Blocks whose inputs need gradients are left alone. The modules' ``forward``
+    is put back on exit, also on an exception.
+    """
+    patched = []
+    if enabled:
+        for module in network.children():
+            if affineless_norms(module) and "forward" not in vars(module):
+                module.forward = _checkpointed_forward.__get__(module)
+                patched.append(module)
+    try:
+        yield len(patched)
+    finally:
+        for module in patched:
+            del module.forward
