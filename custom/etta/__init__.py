@@ -12,7 +12,7 @@ from custom.etta.attention import fused_window_attention
 from custom.etta.entropy import entropy_loss_weights, entropy_weights, sigmoid_entropy, softmax_entropy, weighted_entropy_sum
 from custom.etta.handler import ETTAStatsHandler
 from custom.etta.inferer import EntropyTTAInferer, FlipTTAInferer
-from custom.etta.norms import added_norm_affines, affineless_norms, norm_affine_parameters
+from custom.etta.norms import added_norm_affines, affineless_norms, checkpointed_input_blocks, norm_affine_parameters
 from custom.etta.windows import WindowPlan
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "WindowPlan",
     "added_norm_affines",
     "affineless_norms",
+    "checkpointed_input_blocks",
     "entropy_loss_weights",
     "entropy_weights",
     "fused_window_attention",

@@ -27,8 +27,9 @@ through ``torch.nn.functional.scaled_dot_product_attention`` during ETTA's passe
 (:mod:`custom.etta.attention`): the backward then keeps no ``windows x heads x n x n`` attention
 matrices or biases, which were most of the graph. (2) The entropy loss is one autograd function
 (:func:`~custom.etta.entropy.weighted_entropy_sum`) whose backward keeps only log P (softmax) or the
-logits (sigmoid). The added InstanceNorm affines go through the layers' own ``F.instance_norm``, which
-keeps nothing more for the backward pass than without them. Measured with ``benchmarks/etta_cost.py``
+logits (sigmoid). (3) The added affines give the block fed by the image (Swin-UNETR's full-resolution
+``encoder1``) a graph it did not have; ``checkpoint_input_blocks=True`` (default) recomputes its
+activations in the backward pass instead of keeping them. Measured with ``benchmarks/etta_cost.py``
 (``docs/etta.md``).
 
 :class:`FlipTTAInferer` is the paper's "plain TTA" baseline: the mean of an inner inferer's
