@@ -32,6 +32,7 @@ Prints one JSON line per K.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -188,26 +189,28 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
 
 
 def window_backward_pass(net: torch.nn.Module, x: torch.Tensor, inferer: EntropyTTAInferer) -> None:
-    """One bare pass over the inferer's windows: forward with gradients on the norm affines, backward, nothing else."""
-    from custom.etta import _WindowPlan
+    """One bare pass over the inferer's windows: forward with gradients on the parameters ETTA adapts (with
+    ``params="norm"`` the identity affines added to affine-less norms too), backward, nothing else."""
+    from custom.etta import WindowPlan, added_norm_affines
 
-    plan = _WindowPlan(x, inferer.roi_size, inferer.overlap, inferer.mode, inferer.sigma_scale, inferer.padding_mode, inferer.cval, x.device, x.device)
-    params = norm_affine_parameters(net)
+    plan = WindowPlan(x, inferer.roi_size, inferer.overlap, inferer.mode, inferer.sigma_scale, inferer.padding_mode, inferer.cval, x.device, x.device)
     flags = [(p, p.requires_grad) for p in net.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     use_amp = x.device.type == "cuda"
-    try:
-        for start in range(0, len(plan.slices), inferer.sw_batch_size):
-            win = plan.window(range(start, min(start + inferer.sw_batch_size, len(plan.slices))), x.device)
-            with torch.enable_grad(), torch.autocast("cuda", enabled=use_amp):
-                net(win).float().mean().backward()
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-            p.grad = None
+    with added_norm_affines(net) if inferer.params == "norm" else contextlib.nullcontext():
+        params = norm_affine_parameters(net)  # the added affines are the layers' weight / bias here
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            for start in range(0, len(plan.slices), inferer.sw_batch_size):
+                win = plan.window(range(start, min(start + inferer.sw_batch_size, len(plan.slices))), x.device)
+                with torch.enable_grad(), torch.autocast("cuda", enabled=use_amp):
+                    net(win).float().mean().backward()
+        finally:
+            for p, f in flags:
+                p.requires_grad_(f)
+                p.grad = None
 
 
 def main() -> None:
@@ -222,6 +225,7 @@ def main() -> None:
     ap.add_argument("--pixdim", default=None, help="grid in mm, e.g. 1.5,1.5,2 (default: the checkpoint's, else 1.5,1.5,2)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the timed arms (the minimum is kept)")
     ap.add_argument("--no_fused_attention", action="store_true", help="all arms with MONAI's default window attention")
+    ap.add_argument("--params", choices=("norm", "affine"), default="norm", help="ETTA's adapted parameters (default: the inferer's default)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args()
 
@@ -252,7 +256,7 @@ def main() -> None:
     run_plain()
     _, m_plain = peak_memory(run_plain, device)
     for k in [int(s) for s in args.steps.split(",")]:
-        etta = EntropyTTAInferer(steps=k, fused_attention=fused, **sw_kw)
+        etta = EntropyTTAInferer(steps=k, fused_attention=fused, params=args.params, **sw_kw)
 
         def run_floor_backward() -> None:
             with fused_window_attention(net, fused):
@@ -292,6 +296,7 @@ def main() -> None:
                     "windows": rec["windows"],
                     "steps": k,
                     "fused_attention": fused,
+                    "params": args.params,
                     "repeats": args.repeats,
                     "plain_s": round(t_plain, 2),
                     "floor_s": round(t_floor, 2),

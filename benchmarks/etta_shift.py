@@ -12,12 +12,16 @@ btcv_sample (``mr``: labels mapped to BTCV, only the organs it shares):
 - ``noise``: additive Gaussian noise, sd 0.1 on the [0, 1] window;
 - ``mr``: the real MR (percentile-scaled to [0, 1]), a modality the CT model never saw.
 
-Both arms use the same sliding window (gaussian blending); ETTA uses its defaults (K = 3,
-SGD lr 1e-3 momentum 0.9, tau 0.01) unless given ``--optimizer adam`` / ``--lr`` / ``--steps``. Labels are
-TotalSegmentator predictions, not manual ground truth. Prints one JSON line per (condition, arm)
-and a Markdown table on stderr.
+Arms (``--arms``), all with the same sliding window (gaussian blending): ``plain``; ``etta`` (its
+defaults: K = 3, SGD lr 1e-3 momentum 0.9, tau 0.01, ``params="norm"``, unless given ``--optimizer adam``
+/ ``--lr`` / ``--steps`` / ``--params`` / ``--margin`` / ``--balance`` / ``--tau`` / ``--tau_relative`` /
+``--w0_floor``); ``sham`` (the same ETTA with lr 0: must equal plain); ``flip_tta`` (mean over flips along
+the BTCV bundle's training flip axes 1 and 2). Labels are TotalSegmentator predictions, not manual
+ground truth. Prints one JSON line per (condition, arm) and a Markdown table on stderr. Not yet the
+full protocol of ``SPEC.md`` section 3 (no gate, graded severities, seeds, bootstrap intervals, HD95,
+uniform / oracle candidate arms).
 
-    python benchmarks/etta_shift.py [--model PATH] [--steps 3] [--lr 1e-3]
+    python benchmarks/etta_shift.py [--model PATH] [--steps 3] [--lr 1e-3] [--arms plain,etta,sham,flip_tta]
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from etta_cost import load_model, log, preprocess  # noqa: E402
 
-from custom.etta import EntropyTTAInferer  # noqa: E402
+from custom.etta import EntropyTTAInferer, FlipTTAInferer  # noqa: E402
 from custom.labels import BTCV_LABELS, BTCV_NUM_CLASSES  # noqa: E402
 from custom.sample_data import prepare  # noqa: E402
 
@@ -78,6 +82,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="sgd: momentum 0.9 (the default); adam: per-parameter steps of size ~lr")
     ap.add_argument("--overlap", type=float, default=0.25)
+    ap.add_argument("--params", choices=("norm", "affine"), default="norm")
+    ap.add_argument("--margin", type=float, default=None, help="loss only on voxels with entropy < margin * log C")
+    ap.add_argument("--balance", action="store_true", help="loss balanced over predicted classes")
+    ap.add_argument("--tau", type=float, default=0.01)
+    ap.add_argument("--tau_relative", action="store_true", help="tau in units of the spread of the candidate entropies")
+    ap.add_argument("--w0_floor", type=float, default=0.0)
+    ap.add_argument("--arms", default="plain,etta,sham,flip_tta")
     ap.add_argument("--conditions", default="clean,bias_field,gamma,noise,mr")
     ap.add_argument("--skip_plain", action="store_true", help="only the ETTA arm (plain results do not depend on ETTA options)")
     ap.add_argument("--train_iters", type=int, default=40)
@@ -102,12 +113,25 @@ def main() -> None:
     mr = crop(preprocess(root / spec["mr"][0]["image"], pixdim, root / spec["mr"][0]["label"], modality="mr"))
     roi = tuple(info["roi"])
     sw_kw = dict(roi_size=roi, sw_batch_size=1, overlap=args.overlap, mode="gaussian")
-    arms = {
-        "plain": SlidingWindowInferer(**sw_kw),
-        "etta": EntropyTTAInferer(
-            steps=args.steps, lr=args.lr, optimizer=partial(torch.optim.Adam, lr=args.lr) if args.optimizer == "adam" else None, **sw_kw
-        ),
+    etta_kw = dict(
+        steps=args.steps, params=args.params, margin=args.margin, balance=args.balance, tau=args.tau,
+        tau_relative=args.tau_relative, w0_floor=args.w0_floor, **sw_kw,
+    )
+    plain = SlidingWindowInferer(**sw_kw)
+    all_arms = {
+        "plain": plain,
+        "etta": EntropyTTAInferer(lr=args.lr, optimizer=partial(torch.optim.Adam, lr=args.lr) if args.optimizer == "adam" else None, **etta_kw),
+        "sham": EntropyTTAInferer(lr=0.0, optimizer=partial(torch.optim.Adam, lr=0.0) if args.optimizer == "adam" else None, **etta_kw),
+        "flip_tta": FlipTTAInferer(plain, spatial_axes=(1, 2)),
     }
+    arms = {a: all_arms[a] for a in args.arms.split(",")}
+    etta_name = (
+        f"etta_{args.optimizer}_lr{args.lr:g}_k{args.steps}_{args.params}"
+        + (f"_margin{args.margin:g}" if args.margin is not None else "")
+        + ("_balance" if args.balance else "")
+        + f"_tau{args.tau:g}{'rel' if args.tau_relative else ''}"
+        + (f"_floor{args.w0_floor:g}" if args.w0_floor else "")
+    )
     table = []
     for cond in args.conditions.split(","):
         case = mr if cond == "mr" else ct
@@ -120,8 +144,9 @@ def main() -> None:
             with torch.no_grad():
                 pred = inferer(x, net).argmax(1)[0].cpu()
             dice = organ_dice(pred, label)
-            row = {"benchmark": "etta_shift", "condition": cond, "arm": arm if arm == "plain" else f"etta_{args.optimizer}_lr{args.lr:g}_k{args.steps}", "model": info["source"], "mean_dice": float(np.mean(list(dice.values()))), "dice": dice}
-            if arm == "etta":
+            name = etta_name if arm == "etta" else arm
+            row = {"benchmark": "etta_shift", "condition": cond, "arm": name, "model": info["source"], "mean_dice": float(np.mean(list(dice.values()))), "dice": dice}
+            if arm in ("etta", "sham"):
                 rec = inferer.pop_records()[0]
                 row.update(entropy=[round(h, 5) for h in rec["entropy"]], weights=[round(w, 3) for w in rec["weights"]], time_s=round(rec["time_s"], 1))
             print(json.dumps(row), flush=True)

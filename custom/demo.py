@@ -163,8 +163,9 @@ def step_etta(demo: Demo) -> None:
     from custom.labels import BTCV_LABELS
 
     pred_dir = demo.out / "predictions_etta"
-    _say(f"etta: inference.json --use_etta true, K = {demo.etta_steps} entropy steps on the LayerNorm affines "
-         "(SGD lr 1e-3), entropy-weighted candidates; one 'ETTA volume' log line")
+    _say(f"etta: inference.json --use_etta true, K = {demo.etta_steps} entropy steps (SGD lr 1e-3) on every norm layer's "
+         "scale and shift (LayerNorm affines, identity affines added to the InstanceNorms), entropy-weighted candidates; "
+         "one 'ETTA volume' log line")
     start = time.time()
     run(
         config_file=str(CONFIGS / "inference.json"), logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE),

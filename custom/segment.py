@@ -1,7 +1,7 @@
 """Segment one volume or a whole cohort with a Swin-BOB bundle, in the manner of TotalSegmentator's command line.
 
     python -m custom.segment -i ct.nii.gz -o ct_seg.nii.gz --bundle btcv --stats
-    python -m custom.segment -i dicom_series/ -o seg.nii.gz --bundle btcv --etta --device cuda
+    python -m custom.segment -i dicom_series/ -o seg.nii.gz --bundle btcv --etta --device cuda   # or --tta (flips)
     python -m custom.segment -i images/ -o segs/ --bundle ukbob --workers 2           # a folder or dataset.json
     python -m custom.segment -i dataset.json -o segs/ --scheduler tcp://host:8786     # an existing Dask cluster
 
@@ -424,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> Path | dict[str, Any]:
     parser.add_argument("-o", "--output", required=True, help="label map (.nii.gz) for one input, or an output folder")
     parser.add_argument("--bundle", choices=sorted(BUNDLES), default="btcv", help="which Swin-BOB bundle (default btcv)")
     parser.add_argument("--etta", action="store_true", help="entropy test-time adaptation (the bundle's use_etta)")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (the bundle's use_tta)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--stats", action="store_true", help="also write per-organ statistics (TotalSegmentator statistics.json format)")
     parser.add_argument("--qc", action="store_true", help="per-organ QC against the bundle's models/qc_reference.json: <case>_qc.json / _qc.png")
@@ -438,8 +439,9 @@ def main(argv: Sequence[str] | None = None) -> Path | dict[str, Any]:
                         help="inference.json overrides, e.g. sw_batch_size=2 (as monai.bundle run takes them)")
     args = parser.parse_args(argv)
     _quiet(args.verbose)
+    overrides = {**({"use_tta": True} if args.tta else {}), **parse_overrides(args.override)}
     kwargs = dict(bundle=args.bundle, etta=args.etta, device=args.device, stats=args.stats, model=args.model,
-                  bundles_root=args.bundles_root, overrides=parse_overrides(args.override), output_type=args.output_type, qc=args.qc)
+                  bundles_root=args.bundles_root, overrides=overrides, output_type=args.output_type, qc=args.qc)
     if args.output.endswith((*NIFTI_SUFFIXES, ".dcm")):
         if args.workers > 1 or args.scheduler:
             raise InputError(args.output, "--workers/--scheduler need an output folder", "give -o a folder name")

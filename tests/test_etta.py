@@ -21,6 +21,10 @@ from torch import nn
 from custom.etta import (
     EntropyTTAInferer,
     ETTAStatsHandler,
+    FlipTTAInferer,
+    added_norm_affines,
+    affineless_norms,
+    entropy_loss_weights,
     entropy_weights,
     fused_window_attention,
     norm_affine_parameters,
@@ -84,7 +88,12 @@ def params_snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
 
 def same_state(net: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
     sd = net.state_dict()
-    return sd.keys() == snap.keys() and all(torch.equal(sd[k], snap[k]) for k in sd)
+    return list(sd.keys()) == list(snap.keys()) and all(torch.equal(sd[k], snap[k]) for k in sd)
+
+
+def module_tree(net: nn.Module) -> list[tuple[str, type, int, bool]]:
+    """Every module's name, type, number of own parameters and whether its instance overrides ``forward``."""
+    return [(n, type(m), len([p for p in m._parameters.values() if p is not None]), "forward" in vars(m)) for n, m in net.named_modules()]
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -122,7 +131,7 @@ def test_adapted_parameters_are_the_norm_affines():
 def test_network_without_affine_norm_is_refused():
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.Conv3d(4, 2, 1))
     with pytest.raises(ValueError, match="nothing to adapt"):
-        EntropyTTAInferer(roi_size=16, steps=1)(torch.rand(1, 1, 16, 16, 16), net)
+        EntropyTTAInferer(roi_size=16, steps=1, params="affine")(torch.rand(1, 1, 16, 16, 16), net)
     with pytest.raises(ValueError):
         EntropyTTAInferer(roi_size=16, activation="relu")
 
@@ -150,14 +159,14 @@ def swin_run(ct_crop):
     swin = tiny_swin(out_ch=4)
     swin.train()  # a non-default mode, to check that it comes back
     flags = {n: p.requires_grad for n, p in swin.named_parameters()}
-    snap = params_snapshot(swin)
+    snap, tree = params_snapshot(swin), module_tree(swin)
     # Swin-UNETR damps its LayerNorm affines (InstanceNorm follows every stage), so at random init the
     # default SGD lr moves the entropy only slightly; Adam's per-parameter steps give a clear signal.
     etta = EntropyTTAInferer(ROI, sw_batch_size=2, overlap=0.5, steps=2, optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
     x = shift(ct_crop[0])
     with torch.no_grad():
         out = etta(x, swin)
-    return {"swin": swin, "flags": flags, "snap": snap, "out": out, "record": etta.pop_records()[0], "x": x}
+    return {"swin": swin, "flags": flags, "snap": snap, "tree": tree, "out": out, "record": etta.pop_records()[0], "x": x}
 
 
 def test_swin_entropy_decreases_on_shifted_ct(swin_run):
@@ -170,7 +179,9 @@ def test_swin_entropy_decreases_on_shifted_ct(swin_run):
 
 def test_swin_state_restored_exactly(swin_run):
     swin = swin_run["swin"]
-    assert same_state(swin, swin_run["snap"])  # bit-exact parameters and buffers
+    assert same_state(swin, swin_run["snap"])  # bit-exact parameters and buffers, same keys in the same order
+    assert module_tree(swin) == swin_run["tree"]  # same modules, no added parameter, MONAI's own forward
+    assert all(m.weight is None and m.bias is None for m in affineless_norms(swin)) and len(affineless_norms(swin)) > 0
     assert {n: p.requires_grad for n, p in swin.named_parameters()} == swin_run["flags"]
     assert swin.training and all(m.training for m in swin.modules())
     assert all(p.grad is None for p in swin.parameters())
@@ -180,6 +191,277 @@ def test_swin_output_is_log_probability_of_the_input_grid(swin_run):
     out, x = swin_run["out"], swin_run["x"]
     assert out.shape == (1, 4, *x.shape[2:])
     assert torch.allclose(out.exp().sum(1), torch.ones(1, *x.shape[2:]), atol=1e-4)  # softmax(log P) == P
+
+
+# ------------------------------------------------------------------ added affines (params="norm")
+def test_added_affines_leave_step_zero_equal_to_the_source(ct_crop):
+    """Identity scale/shift on every affine-less InstanceNorm: bit-identical output, all removed afterwards."""
+    swin = tiny_swin(out_ch=4)
+    x = ct_crop[0][..., :64]
+    norms = affineless_norms(swin)
+    instance_norms = [m for m in swin.modules() if isinstance(m, nn.InstanceNorm3d)]
+    assert norms == instance_norms and len(norms) >= 20  # encoder1..4, encoder10, every decoder block
+    snap, tree = params_snapshot(swin), module_tree(swin)
+    with torch.no_grad():
+        ref = swin(x)
+        with added_norm_affines(swin) as added:
+            assert len(added) == 2 * len(norms)
+            assert all(m.weight is a and m.bias is b for m, a, b in zip(norms, added[::2], added[1::2]))
+            assert all(torch.equal(a, torch.ones(m.num_features)) and torch.equal(b, torch.zeros(m.num_features)) for m, a, b in zip(norms, added[::2], added[1::2]))
+            out = swin(x)
+            with torch.no_grad():
+                added[0].mul_(1.5)  # a changed scale changes the output: the layers really use them
+            changed = swin(x)
+    assert torch.equal(out, ref)
+    assert not torch.allclose(changed, ref, atol=1e-4)
+    assert same_state(swin, snap) and module_tree(swin) == tree
+    with pytest.raises(RuntimeError, match="inside"):
+        with added_norm_affines(swin):
+            raise RuntimeError("inside")
+    assert same_state(swin, snap) and module_tree(swin) == tree
+
+
+def test_network_restored_after_an_error_in_a_pass(ct_crop):
+    """An exception in the middle of an adapted pass (after a backward) leaves the network as it was."""
+    swin = tiny_swin(out_ch=4)
+    snap, tree = params_snapshot(swin), module_tree(swin)
+    flags = {n: p.requires_grad for n, p in swin.named_parameters()}
+    calls = []
+
+    def fail_on_second_window(module, args, output):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("window failed")
+
+    hook = swin.out.register_forward_hook(fail_on_second_window)
+    try:
+        with pytest.raises(RuntimeError, match="window failed"), torch.no_grad():
+            EntropyTTAInferer(ROI, overlap=0.5, steps=2, lr=10.0)(shift(ct_crop[0]), swin)
+    finally:
+        hook.remove()
+    assert same_state(swin, snap) and module_tree(swin) == tree
+    assert {n: p.requires_grad for n, p in swin.named_parameters()} == flags
+    assert all(p.grad is None for p in swin.parameters())
+
+
+def test_checkpointed_input_block_same_result_less_memory(ct_crop):
+    """encoder1 (fed by the image) recomputes its activations in the backward pass: same entropies and
+    output, lower peak, and MONAI's forward back afterwards."""
+    swin, x = tiny_swin(out_ch=4), shift(ct_crop[0])[..., :64]
+    results, peaks = {}, {}
+    for ckpt in (True, False):
+        etta = EntropyTTAInferer(ROI, steps=1, lr=1.0, checkpoint_input_blocks=ckpt)
+        with torch.no_grad():
+            peaks[ckpt] = _peak_cpu_bytes(lambda: results.__setitem__(ckpt, etta(x, swin)))
+        results[ckpt] = (results[ckpt], etta.pop_records()[0]["entropy"])
+    assert results[True][1] == results[False][1] and results[True][1][1] < results[True][1][0]
+    assert torch.equal(results[True][0], results[False][0])
+    assert peaks[True] < peaks[False] - 4 * 2**20, peaks  # encoder1: several 12 x 32 x 32 x 64 float maps
+    assert all("forward" not in vars(m) for m in swin.modules())
+
+
+def test_default_adapts_instance_norms_and_affine_option_does_not():
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.ReLU(), nn.Conv3d(4, 2, 1)).eval()
+    x = torch.rand(1, 1, 16, 16, 16) * 2
+    default = EntropyTTAInferer(16, steps=2, lr=1.0, momentum=0.0)
+    with torch.no_grad():
+        default(x, net)
+    rec = default.pop_records()[0]
+    assert rec["adapted_parameters"] == 8 and rec["entropy"][-1] < rec["entropy"][0] - 1e-4
+    assert net[1].weight is None and net[1].bias is None and "weight" in net[1]._parameters
+
+
+@pytest.fixture(scope="module")
+def trained_swin(ct_crop):
+    """A tiny Swin-UNETR trained for a few iterations (DiceCE, AdamW) on the real CT crop (first 64 slices)."""
+    from monai.losses import DiceCELoss
+
+    x, y = ct_crop
+    swin = tiny_swin(out_ch=BTCV_NUM_CLASSES, depths=(1, 1, 1, 1)).train()
+    opt = torch.optim.AdamW(swin.parameters(), lr=1e-2)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    losses = []
+    for it in range(12):
+        s = (0, 32, 16)[it % 3]
+        loss = loss_fn(swin(x[..., s : s + 64]), y[..., s : s + 64].long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0], losses
+    return swin.eval()
+
+
+def test_etta_lowers_entropy_of_a_trained_model_on_shifted_ct(trained_swin, ct_crop):
+    """With the InstanceNorm affines the entropy moves; with the LayerNorms alone (the old method) it does not."""
+    x = shift(ct_crop[0])[..., 16:80]
+    drops = {}
+    for name, kw in (("default", {}), ("affine", {"params": "affine"}), ("adam", {"optimizer": lambda p: torch.optim.Adam(p, lr=1e-3)})):
+        etta = EntropyTTAInferer(ROI, **kw)
+        with torch.no_grad():
+            etta(x, trained_swin)
+        h = etta.pop_records()[0]["entropy"]
+        drops[name] = h[0] - h[-1]
+    print("entropy drop H_0 - H_3:", drops)
+    assert drops["affine"] < 1e-5  # LayerNorms only: a no-op, as measured before
+    assert drops["default"] > 10 * max(drops["affine"], 1e-7)
+    assert drops["adam"] >= 1e-3
+
+
+def test_sham_etta_equals_plain(trained_swin, ct_crop):
+    from monai.inferers import SlidingWindowInferer
+
+    x = shift(ct_crop[0])
+    kw = dict(roi_size=ROI, overlap=0.5, mode="gaussian")
+    sham = EntropyTTAInferer(**kw, steps=3, lr=0.0)
+    with torch.no_grad():
+        p_sham = sham(x, trained_swin).exp()
+        p_plain = SlidingWindowInferer(**kw)(x, trained_swin).softmax(1)
+    rec = sham.pop_records()[0]
+    assert np.allclose(rec["weights"], 0.25) and len(set(rec["entropy"])) == 1
+    assert torch.allclose(p_sham, p_plain, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------- loss options
+def direct_loss(logits: torch.Tensor, activation: str, margin: float | None, balance: bool) -> torch.Tensor:
+    """The loss options written out for one window (B = 1), with plain autograd ops."""
+    c = logits.shape[1]
+    if activation == "softmax":
+        h = softmax_entropy(logits)[:, 0]  # (1, *S)
+        keep = h < margin * math.log(c) if margin is not None else torch.ones_like(h, dtype=torch.bool)
+        if not balance:
+            return (h * keep).sum() / h.numel()
+        pred = logits.argmax(1)
+        means = [h[(pred == k) & keep].mean() for k in range(c) if ((pred == k) & keep).any()]
+        return torch.stack(means).mean() if means else (logits * 0).sum()
+    p = torch.sigmoid(logits)
+    h = -(p * torch.log(p) + (1 - p) * torch.log(1 - p))  # (1, C, *S)
+    keep = h < margin * math.log(2) if margin is not None else torch.ones_like(h, dtype=torch.bool)
+    if not balance:
+        return (h * keep).sum() / h[:, 0].numel()
+    total = 0.0
+    for ch in range(c):
+        hc, kc, pos = h[:, ch], keep[:, ch], logits[:, ch] > 0
+        groups = [hc[g & kc].mean() for g in (pos, ~pos) if (g & kc).any()]
+        total = total + (torch.stack(groups).mean() if groups else 0.0)  # a channel with no confident element adds nothing
+    return total
+
+
+OPTIONS = [(None, False), (0.8, False), (None, True), (0.8, True)]
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("margin,balance", OPTIONS)
+def test_loss_option_value_and_gradient(activation, margin, balance):
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(1, 4, 6, 5, 4, generator=g)).requires_grad_(True)
+    ref = direct_loss(logits, activation, margin, balance)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    weight = torch.full((1, 1, 6, 5, 4), 1.0 / 120)
+    ours = weighted_entropy_sum(logits, entropy_loss_weights(logits, weight, activation, margin, balance), activation)
+    (grad,) = torch.autograd.grad(ours, logits)
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    assert float(ref_grad.abs().max()) > 1e-3
+    if margin is not None:  # the margin really drops voxels
+        assert float(ours) < float(direct_loss(logits, activation, None, balance)) - 1e-3
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("margin,balance", OPTIONS[1:])
+def test_loss_option_windowwise_gradient(activation, margin, balance):
+    """Through the inferer: four non-overlapping windows; the SGD step (lr 1) is the gradient of the
+    direct loss: the volume mean for the margin, the mean of the windows' losses when balanced."""
+    net = conv_net(out_ch=3, seed=4)
+    x = torch.rand(1, 1, 32, 32, 16) * 3
+    before = [p.detach().clone() for p in norm_affine_parameters(net)]
+    etta = EntropyTTAInferer(16, overlap=0.0, steps=1, momentum=0.0, lr=1.0, online=True, activation=activation, margin=margin, balance=balance)
+    with torch.no_grad():
+        etta(x, net)
+    step = [b - p.detach() for b, p in zip(before, norm_affine_parameters(net))]
+    etta.reset()
+    adapted = {id(p) for p in norm_affine_parameters(net)}
+    for p in net.parameters():
+        p.requires_grad_(id(p) in adapted)
+    tiles = [net(x[..., i : i + 16, j : j + 16, :]) for i in (0, 16) for j in (0, 16)]
+    if balance:
+        loss = sum(direct_loss(t, activation, margin, True) for t in tiles) / 4
+    else:
+        loss = direct_loss(torch.cat(tiles, dim=-1), activation, margin, False)
+    loss.backward()
+    ref = [p.grad for p in norm_affine_parameters(net)]
+    assert max(float(r.abs().max()) for r in ref) > 1e-5
+    assert all(torch.allclose(s, r, rtol=1e-3, atol=1e-7) for s, r in zip(step, ref))
+
+
+# ---------------------------------------------------------------------------------- combination
+def test_relative_tau_and_floor_on_w0():
+    h = [0.50, 0.40, 0.45]
+    w = entropy_weights(h, tau=0.5, relative=True)  # tau = 0.5 x spread 0.1 = 0.05 nats
+    assert np.allclose(w, entropy_weights(h, tau=0.05))
+    assert np.allclose(entropy_weights([0.3, 0.3], tau=0.1, relative=True), 0.5)  # no spread: uniform
+    floored = entropy_weights(h, tau=0.01, w0_floor=0.5)
+    free = entropy_weights(h, tau=0.01)
+    assert floored[0] == pytest.approx(0.5) and free[0] < 0.01
+    assert np.allclose(floored[1:] / floored[1:].sum(), free[1:] / free[1:].sum()) and floored.sum() == pytest.approx(1.0)
+    assert np.allclose(entropy_weights(h, tau=1e9, w0_floor=0.1), 1 / 3)  # above the floor: unchanged
+
+
+@pytest.mark.parametrize("kw", [{"tau": 0.05, "tau_relative": True}, {"tau": 0.01, "w0_floor": 0.4}, {"tau": 1e-9, "tau_relative": True, "w0_floor": 1.0}])
+def test_combination_is_the_weighted_sum_of_the_candidates(kw):
+    """Candidates P_0..P_2 from online runs with 0, 1, 2 steps; ETTA's output is sum_k w_k P_k with the recorded weights."""
+    net, x = conv_net(out_ch=3, seed=1), torch.rand(1, 1, 24, 24, 24) * 3
+    base = dict(roi_size=16, overlap=0.5, lr=0.5)
+    candidates = []
+    for k in range(3):
+        online = EntropyTTAInferer(**base, steps=k, online=True, tau=1e9)
+        with torch.no_grad():
+            online(x, net)
+            candidates.append(EntropyTTAInferer(16, overlap=0.5, steps=0)(x, net).exp())
+        online.reset()
+    etta = EntropyTTAInferer(**base, steps=2, **kw)
+    with torch.no_grad():
+        out = etta(x, net).exp()
+    rec = etta.pop_records()[0]
+    w = rec["weights"]
+    assert np.allclose(w, entropy_weights(rec["entropy"], kw["tau"], kw.get("tau_relative", False), kw.get("w0_floor", 0.0)))
+    assert w[0] >= kw.get("w0_floor", 0.0) - 1e-12
+    assert torch.allclose(out, sum(wk * p for wk, p in zip(w, candidates)), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ flip TTA
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_flip_tta_is_the_mean_of_the_flipped_predictions(activation):
+    from monai.inferers import SlidingWindowInferer
+
+    net, x = conv_net(out_ch=4, seed=5), torch.rand(1, 1, 20, 24, 28) * 2
+    inner = SlidingWindowInferer(16, overlap=0.25)
+    act = (lambda t: t.softmax(1)) if activation == "softmax" else (lambda t: t.sigmoid())
+    tta = FlipTTAInferer(inner, spatial_axes=(0, 1, 2), activation=activation)
+    assert len(tta.flips()) == 8 and tta.flips()[0] == ()
+    with torch.no_grad():
+        out = tta(x, net)
+        preds = [act(inner(torch.flip(x, [a + 2 for a in f]), net)).flip([a + 2 for a in f]) for f in tta.flips()]
+        plain = act(inner(x, net))
+    mean = torch.stack(preds).mean(0)
+    p = out.exp() if activation == "softmax" else out.sigmoid()
+    assert torch.allclose(p, mean, atol=1e-5)
+    assert float((mean - plain).abs().max()) > 1e-3  # the flips do change the prediction
+
+
+def test_flip_tta_swaps_left_right_pairs_back():
+    from monai.inferers import SlidingWindowInferer
+
+    net, x = conv_net(out_ch=4, seed=6), torch.rand(1, 1, 16, 16, 16)
+    inner = SlidingWindowInferer(16)
+    tta = FlipTTAInferer(inner, spatial_axes=(0,), lr_pairs=((1, 2),))
+    with torch.no_grad():
+        p = tta(x, net).exp()
+        flipped = inner(x.flip(2), net).softmax(1).flip(2)[:, [0, 2, 1, 3]]
+        ref = (inner(x, net).softmax(1) + flipped) / 2
+    assert torch.allclose(p, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="spatial_axes"):
+        FlipTTAInferer(inner, spatial_axes=(3,))(x, net)
 
 
 # ---------------------------------------------------------------- memory-saving window attention
@@ -249,7 +531,7 @@ def test_fused_attention_restored_after_a_volume_and_after_an_error(swin_shifted
 def test_fused_attention_etta_output_equals_default_attention(swin_shifted, ct_crop):
     swin, x = swin_shifted, shift(ct_crop[0])[..., 16:80]  # one window
     # SGD (a step linear in the gradient); a large lr because a random-init Swin-UNETR damps its LayerNorms
-    kw = dict(roi_size=ROI, steps=1, lr=1e3, momentum=0.0)
+    kw = dict(roi_size=ROI, steps=1, lr=1e3, momentum=0.0, params="affine")  # LayerNorms only: the attention is what differs
     fused, default = EntropyTTAInferer(**kw), EntropyTTAInferer(**kw, fused_attention=False)
     with torch.no_grad():
         p_fused, p_default = fused(x, swin).exp(), default(x, swin).exp()
@@ -472,3 +754,10 @@ def test_bundle_chooses_etta_by_flag(bundle):
         assert (etta.steps, etta.lr, etta.momentum, etta.tau, etta.activation) == (3, 1e-3, 0.9, 0.01, activation)
         assert any(h["_target_"] == "custom.etta.ETTAStatsHandler" for h in default[handlers_id])
         assert default.get_parsed_content("output_dir") != etta_parser.get_parsed_content("output_dir")
+        tta_parser = _parsed(bundle, files, None)
+        tta_parser["use_tta"] = True
+        tta = tta_parser.get_parsed_content(inferer_id)
+        assert default["use_tta"] is False and isinstance(tta, FlipTTAInferer) and tta.activation == activation
+        assert type(tta.inferer) is SlidingWindowInferer and list(tta.inferer.roi_size) == list(plain.roi_size)
+        assert tta_parser.get_parsed_content("output_dir").endswith("/eval_tta")
+        assert etta_parser.get_parsed_content("output_dir").endswith("/eval_etta")
