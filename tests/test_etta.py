@@ -736,9 +736,10 @@ def test_bundle_chooses_etta_by_flag(bundle):
     """inference.json and train.json + evaluate.json: ``use_etta`` (default false) picks the inferer."""
     from monai.inferers import SlidingWindowInferer
 
+    from custom.inferers import StreamingSlidingWindowInferer
+
     post = _parsed(bundle, ["inference.json"], None)["postprocessing"]["transforms"]
-    act = next(t for t in post if t["_target_"] == "Activationsd")
-    activation = "sigmoid" if act.get("sigmoid") else "softmax"
+    activation = next(t for t in post if t["_target_"] == "custom.transforms.LogitsToLabelsd")["activation"]
     for files, inferer_id, handlers_id in (
         (["inference.json"], "inferer", "handlers"),
         (["train.json", "evaluate.json"], "validate#evaluator#inferer", "validate#handlers"),
@@ -748,7 +749,9 @@ def test_bundle_chooses_etta_by_flag(bundle):
         plain = default.get_parsed_content(inferer_id)
         etta_parser = _parsed(bundle, files, True)
         etta = etta_parser.get_parsed_content(inferer_id)
-        assert type(plain) is SlidingWindowInferer and isinstance(etta, EntropyTTAInferer), files
+        # inference decides labels slab by slab; evaluation keeps MONAI's stitched scores for its metrics
+        assert type(plain) is (StreamingSlidingWindowInferer if inferer_id == "inferer" else SlidingWindowInferer), files
+        assert isinstance(etta, EntropyTTAInferer), files
         assert list(etta.roi_size) == list(plain.roi_size) and etta.overlap == plain.overlap
         assert etta.sw_batch_size == plain.sw_batch_size and etta.mode == plain.mode
         assert (etta.steps, etta.lr, etta.momentum, etta.tau, etta.activation) == (3, 1e-3, 0.9, 0.01, activation)
