@@ -8,7 +8,6 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from custom.inferers import StreamingSlidingWindowInferer, decide_labels, sliding_window_labels
-from custom.transforms import LogitsToLabels, LogitsToLabelsd
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +76,9 @@ def test_only_about_one_window_of_scores_is_held(net, monkeypatch):
     assert sizes and max(s[-1] for s in sizes) <= 8  # slabs between window edges (16 * 0.5), never 96 deep
 
 
-def test_decide_and_logits_to_labels():
+def test_decide_labels():
     scores = torch.tensor([[[[[0.2]]], [[[1.5]]], [[[-3.0]]]]])  # (1, 3, 1, 1, 1)
     assert decide_labels(scores, "softmax").item() == 1
     assert decide_labels(scores, "sigmoid").flatten().tolist() == [1, 1, 0]
-    assert LogitsToLabels("softmax")(scores[0]).flatten().tolist() == [1]
-    already = torch.full((1, 2, 2, 2), 7, dtype=torch.uint8)
-    assert LogitsToLabelsd("pred")({"pred": already})["pred"] is already  # labels from the streaming inferer pass through
     with pytest.raises(ValueError, match="softmax"):
-        LogitsToLabels("relu")
+        decide_labels(scores, "relu")
