@@ -401,11 +401,11 @@ def test_btcv_inference_on_a_monai_label_request(btcv_sample: Path) -> None:
     import torch
     from monai.transforms import Compose, SaveImaged
 
-    from custom.etta import EntropyTTAInferer
+    from custom.etta import EntropyTTAInferer, FlipTTAInferer
 
     parser = _label_parser("swin_bob_btcv")
     options = parser.get_parsed_content("displayable_configs", instantiate=True)
-    assert options == {"use_etta": False}  # what MONAI Label shows the client
+    assert options == {"use_etta": False, "use_tta": False}  # what MONAI Label shows the client
     path = str(btcv_sample / "images" / "ct_abdomen_crop.nii.gz")
     request = _label_request(path, "swin_bob_btcv")
     data = Compose(_label_preprocessing(parser))(request)
@@ -426,3 +426,6 @@ def test_btcv_inference_on_a_monai_label_request(btcv_sample: Path) -> None:
     cli = _label_parser("swin_bob_btcv")
     cli["use_etta"] = True  # `--use_etta true` on the command line still works
     assert isinstance(cli.get_parsed_content("inferer"), EntropyTTAInferer)
+    parser["displayable_configs"].update({"use_etta": False, "use_tta": True})
+    parser.parse()
+    assert isinstance(parser.get_parsed_content("inferer"), FlipTTAInferer)
