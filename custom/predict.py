@@ -17,7 +17,6 @@ from typing import Any, Mapping
 
 import torch
 
-from custom.io import InputError
 
 
 @dataclass(frozen=True)
@@ -49,16 +48,13 @@ def load_weights(network: torch.nn.Module, ckpt: str | os.PathLike) -> None:
 
     Raises :class:`InputError` naming the file for an unreadable checkpoint or one that does not fit.
     """
-    from custom.transfer import read_checkpoint
+    from custom.transfer import does_not_fit, read_checkpoint
 
     state = {k.removeprefix("module."): v for k, v in read_checkpoint(ckpt).items()}
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if "size mismatch" in ln or "Missing key" in ln or "Unexpected key" in ln), lines[0])
-        raise InputError(ckpt, f"does not fit this network ({detail[:200]})",
-                         "use a checkpoint written by this bundle's config, or adapt it with python -m custom.transfer") from None
+        raise does_not_fit(ckpt, exc) from None
 
 
 class BundlePredictor:

@@ -151,12 +151,15 @@ class SafeCheckpointLoader(CheckpointLoader):
             super().__call__(engine)
         except Exception as exc:  # noqa: BLE001 - re-read the file to say in one line what is wrong
             read_checkpoint(os.path.realpath(self.load_path))  # InputError naming the real file (not a symlink)
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-            detail = next((ln for ln in lines if "size mismatch" in ln or "Missing key" in ln or "Unexpected key" in ln), lines[0])
-            raise InputError(
-                self.load_path, f"does not fit this network ({detail[:200]})",
-                "use a checkpoint written by this bundle's config, or adapt it with python -m custom.transfer",
-            ) from None
+            raise does_not_fit(self.load_path, exc) from None
+
+
+def does_not_fit(path: str | os.PathLike, exc: BaseException) -> InputError:
+    """The one-line error for weights that ``load_state_dict`` refused (the first key or shape it names)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    detail = next((ln for ln in lines if "size mismatch" in ln or "Missing key" in ln or "Unexpected key" in ln), lines[0])
+    return InputError(path, f"does not fit this network ({detail[:200]})",
+                      "use a checkpoint written by this bundle's config, or adapt it with python -m custom.transfer")
 
 
 def latest_checkpoint(folder: str | os.PathLike, pattern: str = "*checkpoint_epoch=*.pt") -> str:
