@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +92,20 @@ def fused_window_attention(network: nn.Module, enabled: bool = True):
     memory of ETTA's backward pass; this one does (see :func:`_sdpa_window_attention_forward`). The
     modules' ``forward`` is put back on exit, also on an exception.
     """
+    modules = [m for m in network.modules() if _is_monai_window_attention(m)] if enabled else []
+    with patched_forward(modules, _sdpa_window_attention_forward) as count:
+        yield count
+
+
+@contextlib.contextmanager
+def patched_forward(modules: Iterable[nn.Module], forward: Callable[..., Any]):
+    """Within the block, each of ``modules`` that has no instance ``forward`` of its own runs ``forward``
+    (bound to it) instead of its class's; yields how many. Put back on exit, also on an exception."""
     patched = []
-    if enabled:
-        for module in network.modules():
-            if _is_monai_window_attention(module) and "forward" not in vars(module):
-                module.forward = types.MethodType(_sdpa_window_attention_forward, module)
-                patched.append(module)
+    for module in modules:
+        if "forward" not in vars(module):
+            module.forward = types.MethodType(forward, module)
+            patched.append(module)
     try:
         yield len(patched)
     finally:

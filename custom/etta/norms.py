@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from custom.etta.attention import patched_forward
+
 __all__ = ["NORM_TYPES", "added_norm_affines", "affineless_norms", "checkpointed_input_blocks", "norm_affine_parameters"]
 
 #: normalisation layers whose affine scale/shift ETTA adapts (BatchNorm and InstanceNorm share _NormBase)
@@ -112,14 +114,6 @@ def checkpointed_input_blocks(network: nn.Module, enabled: bool = True) -> Itera
     result is bit-identical. Blocks whose inputs need gradients are left alone. The modules' ``forward``
     is put back on exit, also on an exception.
     """
-    patched = []
-    if enabled:
-        for module in network.children():
-            if affineless_norms(module) and "forward" not in vars(module):
-                module.forward = _checkpointed_forward.__get__(module)
-                patched.append(module)
-    try:
-        yield len(patched)
-    finally:
-        for module in patched:
-            del module.forward
+    modules = [m for m in network.children() if affineless_norms(m)] if enabled else []
+    with patched_forward(modules, _checkpointed_forward) as count:
+        yield count
