@@ -1,4 +1,4 @@
-"""Every label fact of the project, in one place (``SPEC.md`` section 5).
+"""Every label fact of the project, in one place (``docs/labels.md``).
 
 Taxonomies (id -> name), the TotalSegmentator -> UKBOB / BTCV maps, the left/right label pairs that
 a flip must swap, the expected connected-component counts SOLF cleans to, and the input channel

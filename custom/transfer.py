@@ -1,6 +1,6 @@
 """Load Swin-BOB, reference or self-supervised checkpoints into a SwinUNETR of another shape.
 
-Fine-tuning starts from Swin-BOB weights (``SPEC.md`` section 4). The source and target networks
+Fine-tuning starts from Swin-BOB weights (``docs/training.md``, weight transfer). The source and target networks
 differ in their input channels (4 Dixon channels -> 1 CT channel or 4 brain contrasts) and in their
 output head (73 classes -> 14 BTCV classes or 3 BraTS regions). :func:`load_pretrained` copies
 every weight whose shape matches, adapts the layers whose shape depends on the input channel count,

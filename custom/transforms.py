@@ -1,6 +1,6 @@
 """Small MONAI transforms that MONAI itself has no component for.
 
-Left-right flip that swaps paired labels (``SPEC.md`` section 5): flipping a body left-right without
+Left-right flip that swaps paired labels (``docs/labels.md``, left/right pairs): flipping a body left-right without
 relabelling teaches the network that the left kidney is on the right. :class:`FlipSwapLR` flips the
 image with ``monai.transforms.Flip`` (metadata and applied-operation tracking included) and maps each
 left id to its right id and back. Lung lobes have no one-to-one partner (2 left, 3 right lobes), so a

@@ -1,4 +1,4 @@
-"""SOLF, the Specialized Organ Label Filter (``SPEC.md`` section 2).
+"""SOLF, the Specialized Organ Label Filter (``docs/solf.md``, SOLF method).
 
 - :mod:`.features`: stage A, per-volume component cleaning and shape features in physical units.
 - :mod:`.transforms`: the same as MONAI transforms, plus :class:`~.transforms.ApplySOLFDecisiond`.

@@ -1,4 +1,4 @@
-"""SOLF stage B: the dataset-level rule (``SPEC.md`` section 2, steps 3-5).
+"""SOLF stage B: the dataset-level rule (``docs/solf.md``, SOLF method, steps 3-5).
 
 For every organ, each of the three features (normalised volume, sphericity, eccentricity) is fitted
 robustly over the cohort (median, MAD x 1.4826). An organ mask is an outlier on a feature when it lies

@@ -1,4 +1,4 @@
-"""Per-scan quality control of organ masks against a cohort reference (``SPEC.md`` section 7).
+"""Per-scan quality control of organ masks against a cohort reference (``docs/qc.md``).
 
 For every organ of one label map: SOLF stage-A features (:func:`custom.solf.features.volume_features`,
 after the same component cleaning), each feature's robust z-score against the reference

@@ -1,6 +1,6 @@
 """Cohort references: SOLF's per-organ robust fit, saved as a small versioned JSON file.
 
-A reference is what stage B learns from a cohort (``SPEC.md`` section 7): for every organ the median
+A reference is what stage B learns from a cohort (``docs/qc.md``, cohort references): for every organ the median
 and the scaled MAD (1.4826 x MAD) of normalised volume, sphericity and eccentricity over its whole
 (not partial) masks, the sample count, the label taxonomy the maps were in (normalised volume
 depends on it: the body is the union of that taxonomy's labels) and where it came from. A bundle ships
