@@ -419,11 +419,12 @@ def test_combination_is_the_weighted_sum_of_the_candidates(kw):
             online(x, net)
             candidates.append(EntropyTTAInferer(16, overlap=0.5, steps=0)(x, net).exp())
         online.reset()
-    etta = EntropyTTAInferer(**base, steps=2, **kw)
+    etta = EntropyTTAInferer(**base, steps=2, record_candidates=True, **kw)
     with torch.no_grad():
         out = etta(x, net).exp()
     rec = etta.pop_records()[0]
     w = rec["weights"]
+    assert len(rec["candidates"]) == 3 and all(torch.allclose(c, p, atol=1e-5) for c, p in zip(rec["candidates"], candidates))
     assert np.allclose(w, entropy_weights(rec["entropy"], kw["tau"], kw.get("tau_relative", False), kw.get("w0_floor", 0.0)))
     assert w[0] >= kw.get("w0_floor", 0.0) - 1e-12
     assert torch.allclose(out, sum(wk * p for wk, p in zip(w, candidates)), atol=1e-5)
@@ -764,3 +765,25 @@ def test_bundle_chooses_etta_by_flag(bundle):
         assert type(tta.inferer) is SlidingWindowInferer and list(tta.inferer.roi_size) == list(plain.roi_size)
         assert tta_parser.get_parsed_content("output_dir").endswith("/eval_tta")
         assert etta_parser.get_parsed_content("output_dir").endswith("/eval_etta")
+
+
+# ------------------------------------------------------------------------------ graded shifts
+def test_shifts_are_the_documented_perturbations(ct_crop):
+    from custom.etta.shifts import SHIFTS, Shift, apply_shift, apply_shift_hu
+
+    x = ct_crop[0][0]  # (1, 32, 32, 96) in [0, 1]
+    assert len(SHIFTS) == 3 + 2 * 3 + 2 * 3 + 2 + 2 and len({s.name for s in SHIFTS}) == len(SHIFTS)
+    assert torch.equal(apply_shift(x, Shift("clean")), x)
+    assert torch.allclose(apply_shift(x, Shift("gamma", 2.0)), x**2)
+    assert torch.allclose(apply_shift(x, Shift("contrast", 0.6)), 0.5 + 0.6 * (x - 0.5))
+    noisy = apply_shift(x, Shift("noise", 0.1, seed=1))
+    assert torch.equal(noisy, apply_shift(x, Shift("noise", 0.1, seed=1))) and not torch.equal(noisy, apply_shift(x, Shift("noise", 0.1, seed=2)))
+    assert float((noisy - x).std()) == pytest.approx(0.1, rel=0.05)
+    thick = apply_shift(x, Shift("thick", 3))
+    assert thick.shape == x.shape and float(thick.mean()) == pytest.approx(float(x.mean()), abs=0.01)
+    assert float((thick[..., 1:] - thick[..., :-1]).abs().mean()) < 0.7 * float((x[..., 1:] - x[..., :-1]).abs().mean())  # smoother along z
+    field = apply_shift(x, Shift("bias", 0.2)) / x.clamp(min=1e-3)
+    assert 0.3 < float(field[x > 0.2].min()) < 0.95 and 1.05 < float(field[x > 0.2].max()) < 5  # smooth multiplicative field, not identity
+    lo, hi = BTCV_CT_WINDOW
+    hu = np.array([[[lo - 100, lo, (lo + hi) / 2, hi, hi + 100]]], dtype=np.float32)
+    assert np.allclose(apply_shift_hu(hu, Shift("gamma", 2.0), BTCV_CT_WINDOW), [lo, lo, lo + (hi - lo) / 4, hi, hi])

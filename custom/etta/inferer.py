@@ -165,6 +165,9 @@ class EntropyTTAInferer(Inferer):
         checkpoint_input_blocks: with ``params="norm"``, recompute in the backward pass the activations of
             the network's top-level blocks that have added affines but inputs without gradients (Swin-UNETR's
             full-resolution ``encoder1``) instead of keeping them (:func:`custom.etta.norms.checkpointed_input_blocks`).
+        record_candidates: also keep every candidate P_k (on the CPU) in the volume's record under
+            ``"candidates"``, for evaluations of the weighting (uniform average, best candidate); costs
+            K + 1 output-sized CPU buffers, so it is off by default.
     """
 
     def __init__(
@@ -195,6 +198,7 @@ class EntropyTTAInferer(Inferer):
         amp: bool | None = None,
         fused_attention: bool = True,
         checkpoint_input_blocks: bool = True,
+        record_candidates: bool = False,
     ) -> None:
         super().__init__()
         if steps < 0:
@@ -221,6 +225,7 @@ class EntropyTTAInferer(Inferer):
         self.activation, self.params, self.margin, self.balance = activation, params, margin, bool(balance)
         self.online, self.adapt_fraction, self.amp = online, adapt_fraction, amp
         self.fused_attention, self.checkpoint_input_blocks = bool(fused_attention), bool(checkpoint_input_blocks)
+        self.record_candidates = bool(record_candidates)
         self.records: list[dict[str, Any]] = []  # one per volume since the last pop_records()
         # online mode: (network, existing affines, their source values, added affines, optimiser, scaler)
         self._online: tuple[nn.Module, list[nn.Parameter], list[torch.Tensor], list[nn.Parameter] | None, torch.optim.Optimizer, Any] | None = None
@@ -289,6 +294,7 @@ class EntropyTTAInferer(Inferer):
         source = [p.detach().clone() for p in existing] if not self.online else None
         grads = [p.grad for p in existing]
         combination = _Combination(self.tau, self.tau_relative, self.w0_floor)
+        candidates: list[torch.Tensor] = []
         with contextlib.ExitStack() as stack:
             stack.enter_context(fused_window_attention(network, self.fused_attention))
             stack.callback(_restore, network, existing, source, grads, flags, modes)
@@ -321,6 +327,8 @@ class EntropyTTAInferer(Inferer):
                 if backprop:
                     opt.zero_grad(set_to_none=True)
                 prob = self._pass(network, plan, adapt if backprop else set(), mass, scaler, sw_device, device, use_amp, *args, **kwargs)
+                if self.record_candidates:
+                    candidates.append(prob.detach().cpu().clone())
                 combination.add(prob, prob_entropy_mean(prob, self.activation))
                 del prob
                 if backprop:
@@ -347,6 +355,8 @@ class EntropyTTAInferer(Inferer):
                 "adapted_parameters": int(sum(p.numel() for p in params)) if self.steps else 0,
             }
         )
+        if self.record_candidates:
+            self.records[-1]["candidates"] = candidates
         return out
 
     def _pass(self, network, plan: WindowPlan, adapt: set[int], mass: float, scaler, sw_device, device, use_amp, *args, **kwargs) -> torch.Tensor:
