@@ -4,17 +4,18 @@ Steps (each a small function of the shared :class:`Demo` state, run in the order
 
 1. ``data``: the checksummed sample data (``custom.sample_data``; the Makefile already built it).
 2. ``train``: ``bundles/swin_bob_btcv/configs/train.json`` through ``monai.bundle.ConfigWorkflow``,
-   from scratch, with a small network (feature size 12, 64^3 patches, 3 mm voxels) for a bounded
-   time (ignite ``TimeLimit``, learning rate 1e-3); the final weights are saved by a MONAI
-   ``CheckpointSaver``.
+   from scratch, with the CPU recipe (:data:`SMALL`, :data:`TRAIN_SMALL`: feature size 12, 6 x 6 x 3 mm
+   voxels, 64 x 64 x 32 crops that span the abdomen's cross-section, AdamW lr 3e-3) for a bounded time
+   (ignite ``TimeLimit``); the final weights are saved by a MONAI ``CheckpointSaver``.
 3. ``infer``: ``inference.json`` on the held-out CT (``ct_dicom``, another patient) -> label NIfTI
    in the input's space.
 4. ``overlay``: PNG of image / reference / prediction (``custom.visualize``).
-5. ``report``: per-organ Dice against the reference labels (TotalSegmentator's automatic labels).
-- ``etta`` (last): the same inference with ``--use_etta true``; per-organ Dice without and with ETTA.
+5. ``report``: per-organ volume and Dice against the reference labels (TotalSegmentator's automatic labels).
+6. ``solf``: SOLF on the UKBOB sample's automatic labels.
+7. ``shift``: the held-out CT under a contrast shift (``custom.etta.shifts``), segmented plain, with flip
+   TTA (``--use_tta true``) and with ETTA (``--use_etta true``): Dice per organ for each.
 
-Usage: ``python -m custom.demo [--minutes 5] [--out demo_output]``. Later steps (SOLF, ETTA) are
-added by appending a function to :data:`STEPS`.
+Usage: ``python -m custom.demo [--minutes 6] [--out demo_output]``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "swin_bob_btcv"
 CONFIGS = BUNDLE / "configs"
 #: the demo's network and sampling: small enough for a 2-core CPU, same pipeline as the bundle
-SMALL = {"feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0], "num_workers": 0, "sw_batch_size": 2}
+SMALL = {"feature_size": 12, "roi_size": [64, 64, 32], "pixdim": [6.0, 6.0, 3.0], "num_workers": 0, "sw_batch_size": 2}
+#: the CPU training recipe on top of SMALL: one crop per step, 30x the bundle's rate (minutes, not days), no validation
+TRAIN_SMALL = {"learning_rate": 3e-3, "num_samples": 1, "epochs": 10**6, "warmup_epochs": 1, "val_interval": 10**9, "ckpt_interval": 10**9}
 
 
 @dataclass
@@ -40,7 +43,6 @@ class Demo:
 
     out: Path
     minutes: float = 5.0
-    etta_steps: int = 1
     dataset_dir: Path | None = None
     ckpt_dir: Path | None = None
     held_out: dict[str, str] = field(default_factory=dict)
@@ -65,32 +67,80 @@ def step_data(demo: Demo) -> None:
     _say(f"data: {demo.dataset_dir} ({len(datalist['training'])} training CTs, held-out {Path(case['image']).name})")
 
 
-def step_train(demo: Demo) -> None:
+def train_small(
+    ckpt: Path, minutes: float | None = None, iterations: int | None = None, seed: int = 0, progress_every: int = 20, dataset_dir: Path | None = None
+) -> dict[str, float]:
+    """Train the BTCV bundle's ``train.json`` with the CPU recipe (:data:`SMALL` + :data:`TRAIN_SMALL`).
+
+    Stops after ``minutes`` (a time budget: the result depends on the machine) or ``iterations``
+    (reproducible), whichever comes first; at least one of them must be given.
+
+    From scratch on the sample training CT (``dataset_dir``, default btcv_sample); the final network is
+    written atomically to ``ckpt`` as ``{"model": state_dict}`` (MONAI ``CheckpointSaver``). Prints one
+    progress line every ``progress_every`` iterations. Returns ``{"iterations", "minutes"}``.
+    """
+    import torch
     from ignite.engine import Events
     from ignite.handlers import TimeLimit
     from monai.bundle import ConfigWorkflow
-    from monai.handlers import CheckpointSaver
+    from monai.utils import set_determinism
 
-    demo.ckpt_dir = demo.out / "models"
+    from custom.io import AtomicCheckpointSaver
+    from custom.sample_data import prepare
+
+    set_determinism(seed)
+    dataset_dir = dataset_dir or prepare("btcv_sample")
+    ckpt = Path(ckpt)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
     wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.json"), workflow_type="train", logging_file=str(CONFIGS / "logging.conf"),
-        bundle_root=str(BUNDLE), dataset_dir=str(demo.dataset_dir), ckpt_dir=str(demo.ckpt_dir),
-        output_dir=str(demo.out / "train_logs"), epochs=1000, warmup_epochs=1, val_interval=10**6, num_samples=2,
-        learning_rate=1e-3, **SMALL,  # 10x the bundle's rate: minutes, not days, of training
+        config_file=str(CONFIGS / "train.json"), workflow_type="train", logging_file=False, bundle_root=str(BUNDLE),
+        dataset_dir=str(dataset_dir), ckpt_dir=str(ckpt.parent), output_dir=str(ckpt.parent / "train_logs"), **TRAIN_SMALL, **SMALL,
     )
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=int(demo.minutes * 60)))
     network = wf.parser.get_parsed_content("network")
-    CheckpointSaver(save_dir=str(demo.ckpt_dir), save_dict={"model": network}, save_final=True, final_filename="model.pt").attach(trainer)
-    _say(f"train: SwinUNETR (feature size 12) from scratch for {demo.minutes:g} min on CPU; one line per iteration")
+    if minutes is None and iterations is None:
+        raise ValueError("train_small needs minutes or iterations")
+    if minutes is not None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=int(minutes * 60)))
+    if iterations is not None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iterations), lambda engine: engine.terminate())
     start = time.time()
+    budget = f"{minutes:g} min" if iterations is None else f"{iterations} iterations"
+
+    @trainer.on(Events.ITERATION_COMPLETED(every=max(1, progress_every)))
+    def _progress(engine) -> None:
+        loss = engine.state.output[0]["loss"] if isinstance(engine.state.output, list) else engine.state.output["loss"]
+        _say(f"train: iteration {engine.state.iteration:4d} of {budget}, {(time.time() - start) / 60:4.1f} min, loss {float(loss):.3f}")
+
+    AtomicCheckpointSaver(save_dir=str(ckpt.parent), save_dict={"model": network}, save_final=True, final_filename=ckpt.name).attach(trainer)
+    torch.manual_seed(seed)
     wf.run()
     wf.finalize()
-    demo.results["train_minutes"] = (time.time() - start) / 60
-    demo.results["train_iterations"] = trainer.state.iteration
-    _say(f"train: {trainer.state.iteration} iterations ({trainer.state.epoch} epochs) in {demo.results['train_minutes']:.1f} min "
-         f"-> {demo.ckpt_dir / 'model.pt'}")
+    return {"iterations": trainer.state.iteration, "minutes": (time.time() - start) / 60}
+
+
+def load_small(ckpt: Path) -> "torch.nn.Module":
+    """The BTCV SwinUNETR of :data:`SMALL` with the weights of ``ckpt`` (a :func:`train_small` checkpoint)."""
+    import torch
+    from monai.networks.nets import SwinUNETR
+
+    from custom.labels import BTCV_NUM_CLASSES
+
+    net = SwinUNETR(in_channels=1, out_channels=BTCV_NUM_CLASSES, feature_size=SMALL["feature_size"], spatial_dims=3)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    net.load_state_dict(state.get("model", state))
+    return net
+
+
+def step_train(demo: Demo) -> None:
+    demo.ckpt_dir = demo.out / "models"
+    _say(f"train: SwinUNETR (feature size {SMALL['feature_size']}) from scratch on the sample CT for {demo.minutes:g} min on CPU "
+         f"({SMALL['pixdim'][0]:g} x {SMALL['pixdim'][1]:g} x {SMALL['pixdim'][2]:g} mm voxels, {'x'.join(map(str, SMALL['roi_size']))} crops, "
+         f"AdamW lr {TRAIN_SMALL['learning_rate']:g})")
+    done = train_small(demo.ckpt_dir / "model.pt", demo.minutes, dataset_dir=demo.dataset_dir)
+    demo.results["train_minutes"], demo.results["train_iterations"] = done["minutes"], done["iterations"]
+    _say(f"train: {done['iterations']} iterations in {done['minutes']:.1f} min -> {demo.ckpt_dir / 'model.pt'}")
 
 
 def step_infer(demo: Demo) -> None:
@@ -155,35 +205,46 @@ def step_report(demo: Demo) -> None:
     _say("reference = TotalSegmentator's automatic labels mapped to BTCV ids (not manual ground truth)")
 
 
-def step_etta(demo: Demo) -> None:
-    """The same inference with ``--use_etta true`` (custom.etta): Dice per organ without and with ETTA."""
+def _print_dice_table(columns: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per-organ Dice, one column per arm (organs in the reference only); returns each arm's mean."""
+    names = list(columns)
+    first = columns[names[0]]
+    print("\norgan                          " + "".join(f"{n:>14}" for n in names))
+    for organ, d in first.items():
+        if not np.isnan(d):
+            print(f"{organ:<30} " + "".join(f"{columns[n][organ]:14.3f}" for n in names))
+    means = {n: float(np.nanmean(list(columns[n].values()))) for n in names}
+    print(f"{'mean':<30} " + "".join(f"{means[n]:14.3f}" for n in names) + "\n")
+    return means
+
+
+def step_shift(demo: Demo) -> None:
+    """The held-out CT under a contrast shift (gamma 2 inside the CT window), then plain, flip TTA and ETTA."""
     import nibabel as nib
     from monai.bundle import run
 
-    from custom.labels import BTCV_LABELS
+    from custom.etta.shifts import Shift, apply_shift_hu
+    from custom.labels import BTCV_CT_WINDOW, BTCV_LABELS
 
-    pred_dir = demo.out / "predictions_etta"
-    _say(f"etta: inference.json --use_etta true, K = {demo.etta_steps} entropy steps (SGD lr 1e-3) on every norm layer's "
-         "scale and shift (LayerNorm affines, identity affines added to the InstanceNorms), entropy-weighted candidates; "
-         "one 'ETTA volume' log line")
-    start = time.time()
-    run(
-        config_file=str(CONFIGS / "inference.json"), logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE),
-        input_path=demo.held_out["image"], ckpt_dir=str(demo.ckpt_dir), output_dir=str(pred_dir), use_etta=True,
-        **{"etta_inferer#steps": demo.etta_steps}, **SMALL,
-    )
-    demo.results["etta_minutes"] = (time.time() - start) / 60
-    pred = np.asarray(nib.load(pred_dir / demo.prediction.name).dataobj)
+    shift = Shift("gamma", 2.0)
+    image = nib.load(demo.held_out["image"])
+    shifted = demo.out / "shifted" / Path(demo.held_out["image"]).name
+    shifted.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(apply_shift_hu(np.asarray(image.dataobj, dtype=np.float32), shift, BTCV_CT_WINDOW), image.affine, image.header), shifted)
+    _say(f"shift: the held-out CT with {shift.name} (intensities inside the CT window raised to the power 2: darker soft tissue) "
+         f"-> {shifted}; inference.json plain, --use_tta true (mean over flips), --use_etta true (entropy TTA, custom.etta defaults)")
     ref = np.asarray(nib.load(demo.held_out["label"]).dataobj)
-    dice = organ_dice(pred, ref, dict(BTCV_LABELS))
-    print("\norgan                          Dice     Dice + ETTA")
-    for name, d in demo.dice.items():
-        if not np.isnan(d):
-            print(f"{name:<30} {d:.3f}    {dice[name]:.3f}")
-    present = [v for v in dice.values() if not np.isnan(v)]
-    demo.results["mean_dice_etta"] = float(np.mean(present)) if present else float("nan")
-    print(f"{'mean':<30} {demo.results['mean_dice']:.3f}    {demo.results['mean_dice_etta']:.3f}\n")
-    _say(f"etta: {demo.results['etta_minutes']:.1f} min, wrote {pred_dir / demo.prediction.name}")
+    columns = {}
+    for arm, flags in (("plain", {}), ("flip TTA", {"use_tta": True}), ("ETTA", {"use_etta": True})):
+        out = demo.out / f"predictions_shift_{arm.split()[0].lower()}"
+        start = time.time()
+        run(config_file=str(CONFIGS / "inference.json"), logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE),
+            input_path=str(shifted), ckpt_dir=str(demo.ckpt_dir), output_dir=str(out), **flags, **SMALL)
+        pred = np.asarray(nib.load(out / demo.prediction.name).dataobj)
+        columns[arm] = organ_dice(pred, ref, dict(BTCV_LABELS))
+        _say(f"shift: {arm} in {time.time() - start:.0f} s -> {out / demo.prediction.name}")
+    means = _print_dice_table({"clean": demo.dice, **{f"{a} (shift)": d for a, d in columns.items()}})
+    demo.results["shift_mean_dice"] = means
 
 
 def step_solf(demo: Demo) -> None:
@@ -206,16 +267,15 @@ def step_solf(demo: Demo) -> None:
          f"decisions.csv, plots/ and filtered labels/ in {out}")
 
 
-STEPS: list[Callable[[Demo], None]] = [step_data, step_train, step_infer, step_overlay, step_report, step_solf, step_etta]
+STEPS: list[Callable[[Demo], None]] = [step_data, step_train, step_infer, step_overlay, step_report, step_solf, step_shift]
 
 
 def main(argv: list[str] | None = None) -> Demo:
     parser = argparse.ArgumentParser(prog="python -m custom.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
     parser.add_argument("--out", type=Path, default=REPO / "demo_output", help="output folder (default demo_output/)")
-    parser.add_argument("--etta_steps", type=int, default=1, help="ETTA steps K in the last step (method default 3; 1 keeps the demo short)")
     args = parser.parse_args(argv)
-    demo = Demo(out=args.out.resolve(), minutes=args.minutes, etta_steps=args.etta_steps)
+    demo = Demo(out=args.out.resolve(), minutes=args.minutes)
     demo.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     for i, step in enumerate(STEPS, 1):

@@ -1,4 +1,4 @@
-"""ETTA: entropy test-time adaptation, and flip TTA, as MONAI inferers (``SPEC.md`` section 3; ``docs/etta.md``).
+"""ETTA: entropy test-time adaptation, and flip TTA, as MONAI inferers (``docs/etta.md``).
 
 - :mod:`custom.etta.entropy`: entropies, loss options (margin, class balancing), candidate weights;
 - :mod:`custom.etta.norms`: the adapted parameters (existing norm affines, added identity affines);

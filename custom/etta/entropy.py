@@ -1,4 +1,4 @@
-"""ETTA's entropies, loss options and candidate weights (``SPEC.md`` section 3, steps 3-4).
+"""ETTA's entropies, loss options and candidate weights (``docs/etta.md``, Method, steps 3-4).
 
 Loss options, for one window of logits ``(B, C, *spatial)`` (each of the B windows on its own), with
 H the per-voxel softmax entropy (multi-class) or the per-channel binary entropies h_c (sigmoid,

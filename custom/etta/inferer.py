@@ -1,4 +1,4 @@
-"""ETTA and flip TTA as MONAI inferers (``SPEC.md`` section 3).
+"""ETTA and flip TTA as MONAI inferers (``docs/etta.md``, Method).
 
 :class:`EntropyTTAInferer` is a drop-in replacement for :class:`monai.inferers.SlidingWindowInferer`.
 For every input volume it

@@ -1,4 +1,4 @@
-"""ETTA's adaptable parameters: the scale and shift of every normalisation layer (``SPEC.md`` section 3, step 1).
+"""ETTA's adaptable parameters: the scale and shift of every normalisation layer (``docs/etta.md``, Method, step 1).
 
 Layers that have affine parameters (Swin-UNETR's LayerNorms) adapt those. Layers without (Swin-UNETR's
 InstanceNorm3d in encoder1..4, encoder10 and every decoder block) get, for the adaptation only, a
