@@ -34,7 +34,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from custom.io import InputError, check_writable_dir, cli_main, parse_overrides, sha256_file
+from custom.atomic import check_writable_dir, sha256_file
+from custom.errors import InputError, cli_main, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(__file__).resolve().parent

@@ -36,7 +36,8 @@ import nibabel as nib
 import numpy as np
 
 from custom import labels as L
-from custom.io import InputError, atomic_write_text, check_writable_dir, sha256_file
+from custom.atomic import atomic_write_text, check_writable_dir, sha256_file
+from custom.errors import InputError, exit_on_input_error
 
 DATA_ENV = "SWIN_BOB_DATA"
 
@@ -569,8 +570,6 @@ def prepare_all(root: str | os.PathLike | None = None, force: bool = False) -> d
 
 def main(root: str | None = None, force: bool = False, only: str | None = None) -> None:
     """``python -m custom.sample_data [--root DIR] [--force] [--only NAME]``."""
-    from custom.io import exit_on_input_error
-
     if only:
         exit_on_input_error(prepare, only, root, force)
     else:

@@ -47,7 +47,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from custom.io import InputError, atomic_write_text, check_readable, check_writable_dir, cli_main, parse_overrides
+from custom.atomic import atomic_write_text, check_writable_dir
+from custom.checks import case_name, check_readable
+from custom.errors import InputError, cli_main, parse_overrides
 from custom.labels import BRATS_LABELS, BTCV_LABELS, UKBOB_LABELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,13 +76,6 @@ def stats_path(output: str | os.PathLike) -> Path:
         if name.endswith(suffix):
             return output.with_name(name[: -len(suffix)] + ".json")
     return output.with_name(name + ".json")
-
-
-def case_name(image: str | os.PathLike) -> str:
-    """``/data/ct_01.nii.gz`` -> ``ct_01``; a DICOM series folder -> the folder's name."""
-    from custom.bundle_utils import _case_name
-
-    return _case_name(image)
 
 
 def bundle_dir(bundle: str, bundles_root: str | os.PathLike | None = None) -> Path:
@@ -162,7 +157,7 @@ def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: boo
         staged = _predictor(spec, output_dir).predict(image)
         qc = None
         if stats or qc_reference:
-            from custom.io import load_image_checked
+            from custom.transforms import load_image_checked
 
             pixels = np.asarray(load_image_checked(image))
         if qc_reference:
@@ -188,7 +183,7 @@ def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: boo
         else:
             os.replace(staged, output)
     except Exception as exc:  # noqa: BLE001 - a bad case is reported, the cohort goes on
-        from custom.io import find_input_error
+        from custom.errors import find_input_error
 
         err = find_input_error(exc)
         if err is not None:

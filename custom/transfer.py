@@ -48,7 +48,9 @@ from typing import Any, Iterable, Mapping
 import torch
 from monai.handlers import CheckpointLoader
 
-from custom.io import InputError, atomic_path, check_readable, cli_main
+from custom.atomic import atomic_path
+from custom.checks import check_readable
+from custom.errors import InputError, cli_main
 
 logger = logging.getLogger(__name__)
 

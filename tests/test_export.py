@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from custom.export_bundle import DEFAULT_SCHEMA as SCHEMA, MAX_FILE_BYTES, export_bundle, main
-from custom.io import InputError
+from custom.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 BTCV = REPO / "bundles" / "swin_bob_btcv"

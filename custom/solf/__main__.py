@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fire
 
-from custom.io import cli_main
+from custom.errors import cli_main
 from custom.solf import batch
 
 
