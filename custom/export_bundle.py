@@ -293,5 +293,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
                          net_override=parse_overrides(args.net_override, "--net_override", "feature_size=12"), check_net=not args.no_net_check)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point: :func:`main` without its return value (a console script exits with it)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

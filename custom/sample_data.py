@@ -576,7 +576,12 @@ def main(root: str | None = None, force: bool = False, only: str | None = None) 
         exit_on_input_error(prepare_all, root, force)
 
 
-if __name__ == "__main__":
-    import fire
+def cli() -> None:
+    """Console entry point and ``python -m``: :func:`main`'s arguments from the command line."""
+    import fire  # only for the command line
 
     fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

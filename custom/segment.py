@@ -448,5 +448,10 @@ def main(argv: Sequence[str] | None = None) -> Path | dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point: :func:`main` without its return value (a console script exits with it)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

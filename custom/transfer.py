@@ -391,7 +391,12 @@ def main(src: str, bundle: str = "", out: str = "", config: str = "inference.jso
     print(f"wrote {out_path} ({result.summary()})", flush=True)
 
 
-if __name__ == "__main__":
-    import fire
+def cli() -> None:
+    """Console entry point and ``python -m``: :func:`main`'s arguments from the command line."""
+    import fire  # only for the command line
 
     fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

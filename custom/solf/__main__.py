@@ -11,6 +11,8 @@ Examples::
 
 from __future__ import annotations
 
+import json
+
 import fire
 
 from custom.errors import cli_main
@@ -79,5 +81,11 @@ def qc(labels: str, taxonomy: str, output_dir: str, reference: str | None = None
     return qc_folder(labels, taxonomy, output_dir, reference, eps, workers, scheduler, plots)
 
 
+def cli() -> None:
+    """Console entry point and ``python -m custom.solf``: one sub-command, its result printed as one JSON line."""
+    fire.Fire({"run": run, "features": features, "fit": fit, "apply": apply, "report": report, "reference": reference, "qc": qc},
+              serialize=lambda r: None if r is None else json.dumps(r))
+
+
 if __name__ == "__main__":
-    fire.Fire({"run": run, "features": features, "fit": fit, "apply": apply, "report": report, "reference": reference, "qc": qc}, serialize=lambda r: None if r is None else __import__("json").dumps(r))
+    cli()
