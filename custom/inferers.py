@@ -18,6 +18,7 @@ output: the per-voxel normalisation by the summed weights is positive, so it cha
 from __future__ import annotations
 
 import bisect
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -155,32 +156,21 @@ class StreamingSlidingWindowInferer(Inferer):
     post-processing leaves such maps as they are and decides the float maps of other inferers (ETTA).
     """
 
-    def __init__(
-        self,
-        roi_size: Sequence[int] | int,
-        sw_batch_size: int = 1,
-        overlap: Sequence[float] | float = 0.25,
-        mode: BlendMode | str = BlendMode.CONSTANT,
-        sigma_scale: Sequence[float] | float = 0.125,
-        padding_mode: PytorchPadMode | str = PytorchPadMode.CONSTANT,
-        cval: float = 0.0,
-        activation: str = "softmax",
-        axis: int | None = None,
-        buffer_dtype: torch.dtype | str = torch.float32,
-    ) -> None:
+    def __init__(self, roi_size: Sequence[int] | int, sw_batch_size: int = 1, **window: Any) -> None:
+        """``window``: the keyword arguments of :func:`sliding_window_labels` (``overlap``, ``mode``,
+        ``sigma_scale``, ``padding_mode``, ``cval``, ``activation``, ``axis``, ``buffer_dtype``, with its
+        defaults), documented there once; an unknown name is a ``TypeError`` here, not at the first call."""
         super().__init__()
-        if activation not in ("softmax", "sigmoid"):
-            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-        self.roi_size, self.sw_batch_size, self.overlap = roi_size, int(sw_batch_size), overlap
-        self.mode, self.sigma_scale, self.padding_mode, self.cval = mode, sigma_scale, padding_mode, cval
-        self.activation, self.axis = activation, axis
-        self.buffer_dtype = getattr(torch, buffer_dtype) if isinstance(buffer_dtype, str) else buffer_dtype
+        if isinstance(window.get("buffer_dtype"), str):  # "float16" from a config file
+            window["buffer_dtype"] = getattr(torch, window["buffer_dtype"])
+        inspect.signature(sliding_window_labels).bind_partial(**window)
+        if window.get("activation", "softmax") not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {window['activation']!r}")
+        self.roi_size, self.sw_batch_size, self.window = roi_size, int(sw_batch_size), window
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-        labels = sliding_window_labels(
-            inputs, self.roi_size, self.sw_batch_size, network, self.overlap, self.mode, self.sigma_scale,
-            self.padding_mode, self.cval, self.activation, self.axis, self.buffer_dtype, *args, **kwargs,
-        )
+        predictor = (lambda windows: network(windows, *args, **kwargs)) if args or kwargs else network
+        labels = sliding_window_labels(inputs, self.roi_size, self.sw_batch_size, predictor, **self.window)
         if isinstance(inputs, MetaTensor):
             labels = MetaTensor(labels).copy_meta_from(inputs, copy_attr=False)
         return labels

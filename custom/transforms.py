@@ -23,7 +23,7 @@ every request (MONAI 1.6 takes it for a metadata dict).
 from __future__ import annotations
 
 import os
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,21 @@ from custom.errors import InputError
 from custom.labels import BRATS_LABELS, BRATS_REGIONS, IGNORE_LABEL, UKBOB_LR_PAIRS, UKBOB_LUNG_LOBE_IDS
 
 LUNG_POLICIES = ("skip", "ignore", "error")
+
+
+class ArrayTwind(MapTransform):
+    """Dictionary twin of an array transform: each of ``keys`` replaced by ``self.transform(d[key])``.
+
+    A subclass builds ``self.transform`` (the array version) in ``__init__``. Input and output: a dict.
+    """
+
+    transform: Callable[[Any], Any]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
 
 
 def swap_table(pairs: Sequence[tuple[int, int]], size: int = 256) -> torch.Tensor:
@@ -211,32 +226,20 @@ class BratsRegionsToLabel(Transform):
         return out
 
 
-class BratsLabelToRegionsd(MapTransform):
+class BratsLabelToRegionsd(ArrayTwind):
     """Dictionary version of :class:`BratsLabelToRegions`: ``keys`` hold ``(1, H, W, D)`` BraTS 2023 label maps."""
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.converter = BratsLabelToRegions()
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
+        self.transform = BratsLabelToRegions()
 
 
-class BratsRegionsToLabeld(MapTransform):
+class BratsRegionsToLabeld(ArrayTwind):
     """Dictionary version of :class:`BratsRegionsToLabel`: ``keys`` hold ``(3, H, W, D)`` TC/WT/ET masks."""
 
     def __init__(self, keys: KeysCollection, dtype: Any = torch.uint8, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.converter = BratsRegionsToLabel(dtype)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
+        self.transform = BratsRegionsToLabel(dtype)
 
 
 class LogitsToLabels(Transform):
@@ -265,18 +268,12 @@ class LogitsToLabels(Transform):
         return out
 
 
-class LogitsToLabelsd(MapTransform):
+class LogitsToLabelsd(ArrayTwind):
     """Dictionary version of :class:`LogitsToLabels`."""
 
     def __init__(self, keys: KeysCollection, activation: str = "softmax", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.converter = LogitsToLabels(activation)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
+        self.transform = LogitsToLabels(activation)
 
 
 # ---------------------------------------------------------------- MONAI Label's extra keys

@@ -27,7 +27,7 @@ def _config(min_fraction: float, body: str) -> batch.StageAConfig:
 def features(datalist: str, output_dir: str, workers: int = 0, scheduler: str | None = None, keys=None,
              min_fraction: float = batch.DEFAULT_MIN_FRACTION, body: str = "labels") -> dict:
     """Stage A: per-volume features -> OUTPUT_DIR/features.parquet, errors.csv (resumable)."""
-    return batch.features(datalist, output_dir, workers, scheduler, keys, _config(min_fraction, body))
+    return batch.features(datalist, output_dir, keys, _config(min_fraction, body), workers=workers, scheduler=scheduler)
 
 
 @cli_main
@@ -42,7 +42,7 @@ def fit(output_dir: str, eps: float = batch.cohort.DEFAULT_EPS, action: str = "i
 def apply(datalist: str, output_dir: str, workers: int = 0, scheduler: str | None = None, keys=None,
           min_fraction: float = batch.DEFAULT_MIN_FRACTION) -> dict:
     """Filtered label maps -> OUTPUT_DIR/labels/, and OUTPUT_DIR/datalist.json pointing at them."""
-    return batch.apply(datalist, output_dir, workers, scheduler, keys, _config(min_fraction, "labels"))
+    return batch.apply(datalist, output_dir, keys, _config(min_fraction, "labels"), workers=workers, scheduler=scheduler)
 
 
 @cli_main
@@ -57,8 +57,8 @@ def run(datalist: str, output_dir: str, workers: int = 0, scheduler: str | None 
         use_priors: bool = False, min_fraction: float = batch.DEFAULT_MIN_FRACTION, body: str = "labels",
         plots: bool = True, partial_eps: float = batch.cohort.DEFAULT_PARTIAL_EPS) -> None:
     """Everything: stage A, stage B, filtered labels, report (summary printed as one JSON line)."""
-    batch.run(datalist, output_dir, workers, scheduler, keys, eps, action, min_samples, use_priors, min_fraction, body, plots,
-              float(partial_eps))
+    batch.run(datalist, output_dir, keys, eps, action, min_samples, use_priors, min_fraction, body, plots, float(partial_eps),
+              workers=workers, scheduler=scheduler)
 
 
 @cli_main

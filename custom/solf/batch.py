@@ -246,14 +246,15 @@ def read_datalist(datalist: str | Path, keys: Sequence[str] | str | None = None)
 
 # ---------------------------------------------------------------- the steps
 def features(
-    datalist: str | Path,
-    output_dir: str | Path,
-    workers: int = 0,
-    scheduler: str | None = None,
-    keys: Sequence[str] | str | None = None,
-    config: StageAConfig = StageAConfig(),
+    datalist: str | Path, output_dir: str | Path, keys: Sequence[str] | str | None = None,
+    config: StageAConfig = StageAConfig(), **executor: Any,
 ) -> dict[str, Any]:
-    """Stage A over a datalist: ``features.parquet`` and ``errors.csv`` (resumes from ``stage_a/``)."""
+    """Stage A over a datalist: ``features.parquet`` and ``errors.csv`` (resumes from ``stage_a/``).
+
+    ``keys``: the datalist's lists to read (:func:`read_datalist`). ``executor``: where the volumes are
+    computed, :class:`custom.parallel.Executor`'s ``workers`` (local processes, 0: one per core) or
+    ``scheduler`` (a Dask address); the same for :func:`apply` and :func:`run`.
+    """
     if config.taxonomy not in TO_UKBOB:
         raise InputError(None, f"unknown taxonomy {config.taxonomy!r}", f"use one of {', '.join(sorted(TO_UKBOB))}")
     out = check_writable_dir(output_dir)
@@ -265,7 +266,7 @@ def features(
         (done.append(res) if res else todo.append(item))
     print(f"stage A: {len(items)} volumes, {len(done)} already done, {len(todo)} to compute", file=sys.stderr, flush=True)
     t0 = time.time()
-    with Executor(workers, scheduler) as ex:
+    with Executor(**executor) as ex:
         results, errors = _map(ex, stage_a_volume, todo, (str(out), config), "SOLF stage A")
     rows = [row for res in done + results for row in res["rows"]]
     table = pd.DataFrame(rows)
@@ -318,13 +319,8 @@ def fit(
 
 
 def apply(
-    datalist: str | Path,
-    output_dir: str | Path,
-    workers: int = 0,
-    scheduler: str | None = None,
-    keys: Sequence[str] | str | None = None,
-    config: StageAConfig = StageAConfig(),
-    ignore_value: int = IGNORE_LABEL,
+    datalist: str | Path, output_dir: str | Path, keys: Sequence[str] | str | None = None,
+    config: StageAConfig = StageAConfig(), ignore_value: int = IGNORE_LABEL, **executor: Any,
 ) -> dict[str, Any]:
     """Write filtered label maps under ``labels/`` and ``datalist.json`` pointing at them.
 
@@ -340,7 +336,7 @@ def apply(
     stamp = (out / "decisions.csv").stat().st_mtime_ns
     todo = [i for i in items if not _newer(out / "labels" / filtered_name(i.volume), stamp)]
     print(f"apply: {len(items)} volumes, {len(items) - len(todo)} already written", file=sys.stderr, flush=True)
-    with Executor(workers, scheduler) as ex:
+    with Executor(**executor) as ex:
         results, errors = _map(ex, apply_volume, todo, (str(out), config, ignore_value), "SOLF apply",
                                lambda item: (actions.get(item.volume, {}),))
     _write_datalist(datalist, out, keys, known - dropped - {e["volume"] for e in errors})
@@ -433,8 +429,6 @@ def _plot_organs(dec: pd.DataFrame, thr: pd.DataFrame, folder: Path) -> None:
 def run(
     datalist: str | Path,
     output_dir: str | Path,
-    workers: int = 0,
-    scheduler: str | None = None,
     keys: Sequence[str] | str | None = None,
     eps: float = cohort.DEFAULT_EPS,
     action: str = "ignore",
@@ -444,12 +438,15 @@ def run(
     body: str = "labels",
     plots: bool = True,
     partial_eps: float = cohort.DEFAULT_PARTIAL_EPS,
+    **executor: Any,
 ) -> dict[str, Any]:
-    """All of SOLF: stage A, stage B, filtered labels, report. Returns the summary (also printed)."""
+    """All of SOLF: stage A, stage B, filtered labels, report. Returns the summary (also printed).
+
+    ``executor``: ``workers`` / ``scheduler`` as for :func:`features`."""
     config = StageAConfig(min_fraction=min_fraction, body=body)
-    stage_a = features(datalist, output_dir, workers, scheduler, keys, config)
+    stage_a = features(datalist, output_dir, keys, config, **executor)
     fit(output_dir, eps, action, min_samples, use_priors=use_priors, partial_eps=partial_eps)
-    applied = apply(datalist, output_dir, workers, scheduler, keys, config)
+    applied = apply(datalist, output_dir, keys, config, **executor)
     summary = {"stage_a": stage_a, "apply": applied, **report(output_dir, plots)}
     print(json.dumps(summary), flush=True)
     return summary

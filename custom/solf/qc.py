@@ -242,7 +242,7 @@ def qc_folder(labels_dir: str | Path, taxonomy: str, output_dir: str | Path, ref
     out = check_writable_dir(output_dir)
     datalist = out / "datalist_in.json"
     atomic_write_text(datalist, json.dumps({"name": f"qc of {folder}", "training": [{"label": str(p)} for p in files]}, indent=1))
-    stage_a = batch.features(datalist, out, workers, scheduler, None, batch.StageAConfig(taxonomy=taxonomy))
+    stage_a = batch.features(datalist, out, None, batch.StageAConfig(taxonomy=taxonomy), workers=workers, scheduler=scheduler)
     batch.fit(out, eps, reference=ref)
     summary = {"stage_a": stage_a, "taxonomy": taxonomy, "reference": str(reference) if reference else None, **batch.report(out, plots)}
     return summary

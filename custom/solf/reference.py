@@ -175,7 +175,7 @@ def build_from_datalist(datalist: str | Path, output: str | Path, taxonomy: str 
     try:
         work = Path(work_dir or tmp)
         config = batch.StageAConfig(taxonomy=taxonomy)
-        stats = batch.features(datalist, work, workers, scheduler, keys, config)
+        stats = batch.features(datalist, work, keys, config, workers=workers, scheduler=scheduler)
         table = pd.read_parquet(work / "features.parquet")
         prov = {"datalist": Path(datalist).name, "keys": keys, "volumes_failed": stats["errors"],
                 "stage_a": {"min_fraction": config.min_fraction, "body": config.body, "version": batch.STAGE_A_VERSION}}

@@ -31,6 +31,7 @@ from custom.errors import InputError
 from custom.labels import IGNORE_LABEL, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, ComponentRange
 from custom.solf.cohort import apply_actions, organ_actions
 from custom.solf.features import DEFAULT_MIN_FRACTION, OrganFeatures, clean_components, volume_features
+from custom.transforms import ArrayTwind
 
 
 def _as_numpy_3d(label: Any) -> np.ndarray:
@@ -79,7 +80,7 @@ class OrganComponentFilter(Transform):
         return _back(cleaned, label)
 
 
-class OrganComponentFilterd(MapTransform):
+class OrganComponentFilterd(ArrayTwind):
     """Dictionary version of :class:`OrganComponentFilter`."""
 
     def __init__(
@@ -90,13 +91,7 @@ class OrganComponentFilterd(MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.filter = OrganComponentFilter(ranges, min_fraction)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.filter(d[key])
-        return d
+        self.transform = OrganComponentFilter(ranges, min_fraction)
 
 
 class SOLFFeatures(Transform):
@@ -205,7 +200,7 @@ class ApplySOLFDecision(Transform):
         return _back(apply_actions(_as_numpy_3d(label), actions, self.ignore_value).astype(np.int32), label)
 
 
-class ApplySOLFDecisiond(MapTransform):
+class ApplySOLFDecisiond(ArrayTwind):
     """Dictionary version of :class:`ApplySOLFDecision` (the label's file name comes from its metadata)."""
 
     def __init__(
@@ -217,13 +212,7 @@ class ApplySOLFDecisiond(MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.apply = ApplySOLFDecision(decisions, ignore_value, allow_unknown)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.apply(d[key])
-        return d
+        self.transform = ApplySOLFDecision(decisions, ignore_value, allow_unknown)
 
 
 class SOLFQC(Transform):
