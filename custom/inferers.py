@@ -147,6 +147,11 @@ def sliding_window_labels(
     return labels
 
 
+#: the window and decision settings of :func:`sliding_window_labels` (name -> default), shared by its Inferer
+WINDOW_ARGS = {name: p.default for name, p in inspect.signature(sliding_window_labels).parameters.items()
+               if p.default is not inspect.Parameter.empty and name != "sw_batch_size"}
+
+
 class StreamingSlidingWindowInferer(Inferer):
     """MONAI ``Inferer`` over :func:`sliding_window_labels`: window settings as ``SlidingWindowInferer``.
 
@@ -157,20 +162,25 @@ class StreamingSlidingWindowInferer(Inferer):
     """
 
     def __init__(self, roi_size: Sequence[int] | int, sw_batch_size: int = 1, **window: Any) -> None:
-        """``window``: the keyword arguments of :func:`sliding_window_labels` (``overlap``, ``mode``,
-        ``sigma_scale``, ``padding_mode``, ``cval``, ``activation``, ``axis``, ``buffer_dtype``, with its
-        defaults), documented there once; an unknown name is a ``TypeError`` here, not at the first call."""
+        """``window``: keyword arguments of :func:`sliding_window_labels` (:data:`WINDOW_ARGS`: ``overlap``,
+        ``mode``, ``sigma_scale``, ``padding_mode``, ``cval``, ``activation``, ``axis``, ``buffer_dtype``),
+        documented there once, with its defaults; each becomes an attribute. An unknown name is a
+        ``TypeError`` here, not at the first call."""
         super().__init__()
+        unknown = set(window) - set(WINDOW_ARGS)
+        if unknown:
+            raise TypeError(f"unknown sliding-window argument(s) {sorted(unknown)}; known: {list(WINDOW_ARGS)}")
         if isinstance(window.get("buffer_dtype"), str):  # "float16" from a config file
             window["buffer_dtype"] = getattr(torch, window["buffer_dtype"])
-        inspect.signature(sliding_window_labels).bind_partial(**window)
         if window.get("activation", "softmax") not in ("softmax", "sigmoid"):
             raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {window['activation']!r}")
-        self.roi_size, self.sw_batch_size, self.window = roi_size, int(sw_batch_size), window
+        self.roi_size, self.sw_batch_size = roi_size, int(sw_batch_size)
+        vars(self).update({**WINDOW_ARGS, **window})
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         predictor = (lambda windows: network(windows, *args, **kwargs)) if args or kwargs else network
-        labels = sliding_window_labels(inputs, self.roi_size, self.sw_batch_size, predictor, **self.window)
+        labels = sliding_window_labels(inputs, self.roi_size, self.sw_batch_size, predictor,
+                                       **{name: getattr(self, name) for name in WINDOW_ARGS})
         if isinstance(inputs, MetaTensor):
             labels = MetaTensor(labels).copy_meta_from(inputs, copy_attr=False)
         return labels
