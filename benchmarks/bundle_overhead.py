@@ -53,7 +53,7 @@ def hand_written(image: str, ckpt: Path, out_dir: Path, feature_size: int, roi: 
         Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
         AsDiscreted("pred", argmax=True),
         SaveImaged("pred", output_dir=str(out_dir), output_postfix="seg", output_dtype=np.uint8, resample=False,
-                   separate_folder=False, writer="custom.io.AtomicNibabelWriter"),
+                   separate_folder=False, writer="custom.transforms.AtomicNibabelWriter"),
     ])
     inferer = SlidingWindowInferer([roi] * 3, sw_batch_size=4, overlap=0.5, mode="gaussian")
     batch = list_data_collate([pre({"image": image})])  # what the bundle's DataLoader does

@@ -117,7 +117,7 @@ def train_fallback(path: Path, iters: int, roi: tuple[int, ...], pixdim: tuple[f
         if it % 10 == 0 or it == iters - 1:
             log(f"train fallback model: iteration {it + 1}/{iters}, DiceCE {loss.item():.3f}, {time.perf_counter() - t0:.0f} s")
     path.parent.mkdir(parents=True, exist_ok=True)
-    from custom.io import atomic_path
+    from custom.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         torch.save({"model": net.state_dict(), "feature_size": 12, "roi": list(roi), "pixdim": list(pixdim), "iters": iters}, tmp)

@@ -75,7 +75,7 @@ def previous_pipeline(overlap: float) -> dict:
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
              "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False,
-             "writer": "custom.io.AtomicNibabelWriter"},
+             "writer": "custom.transforms.AtomicNibabelWriter"},
         ]},
     }
 

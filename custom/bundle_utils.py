@@ -1,8 +1,9 @@
 """Small pieces the bundle configs need and MONAI does not provide.
 
+- :func:`screen_datalist`: drop (and report in ``errors.csv``) the unusable files of a batch.
 - :func:`inference_datalist`: turn what a user passes as ``--input_path`` (a NIfTI file, a DICOM
   series folder, a folder of images, a Decathlon ``dataset.json`` or a dataset folder holding one)
-  into ``[{"image": path}, ...]``, with one-line :class:`~custom.io.InputError` for bad paths.
+  into ``[{"image": path}, ...]``, with one-line :class:`~custom.errors.InputError` for bad paths.
 - :class:`HausdorffDistanceMM`: MONAI's Hausdorff metric with the voxel spacing taken from each
   label's affine, so HD95 is in millimetres (MONAI's ignite handler passes no spacing).
 - :class:`OrganMetricsWriter`: an ignite handler that writes per-case, per-organ metric values with
@@ -16,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,12 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics import HausdorffDistanceMetric
 
-from custom.io import InputError, atomic_write_text, check_readable, check_writable_dir, find_input_error
+from custom.atomic import atomic_write_text, check_writable_dir
+from custom.checks import IMAGE_SUFFIXES, NIFTI_SUFFIXES, case_name, check_image, check_readable, source_names
+from custom.errors import InputError, find_input_error
 from custom.labels import TAXONOMIES
+from custom.transforms import load_image_checked
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".mha", ".mhd")
 
 
 def _is_image_file(path: Path) -> bool:
@@ -70,8 +73,8 @@ def inference_datalist(path: str | os.PathLike, key: str = "test", check: bool =
 
     Returns ``[{"image": absolute path}, ...]``. With ``check`` and a single input its NIfTI header
     is read, so a file that is not an image fails here with one line instead of deep inside the data
-    loader; a batch is left whole for ``custom.io.screen_datalist``, which skips and reports bad items.
-    Raises :class:`~custom.io.InputError` for a missing, empty or unusable path.
+    loader; a batch is left whole for ``custom.bundle_utils.screen_datalist``, which skips and reports bad items.
+    Raises :class:`~custom.errors.InputError` for a missing, empty or unusable path.
     """
     path = check_readable(Path(path).expanduser().resolve())
     if path.is_file():
@@ -88,7 +91,7 @@ def inference_datalist(path: str | os.PathLike, key: str = "test", check: bool =
             raise InputError(path, "holds no image files and no DICOM series", "give a NIfTI file or a DICOM series folder")
     if not items:
         raise InputError(path, f"the '{key}' list is empty", "add cases or pass one image file")
-    # one input: fail here with its one line; several: custom.io.screen_datalist skips and reports each bad one
+    # one input: fail here with its one line; several: custom.bundle_utils.screen_datalist skips and reports each bad one
     if check and len(items) == 1:
         for item in items:
             image = check_readable(item["image"])
@@ -98,6 +101,39 @@ def inference_datalist(path: str | os.PathLike, key: str = "test", check: bool =
 
 
 # ---------------------------------------------------------------- metrics
+def screen_datalist(
+    items: Sequence[Mapping[str, Any]],
+    key: str = "image",
+    channels: int | None = None,
+    report_dir: str | os.PathLike | None = None,
+) -> list[Mapping[str, Any]]:
+    """Drop the items whose ``key`` file cannot be used, so that a batch goes on past a bad file.
+
+    One item: returned as it is (nothing read twice; a bad file fails in the pipeline with its one
+    line and exit 2). Several items: each file is loaded and checked
+    (:func:`custom.transforms.load_image_checked`, :func:`custom.checks.check_image` with ``channels``);
+    a bad one prints ``skipped: FILE: problem. Fix: ...`` on stderr and becomes a row of
+    ``<report_dir>/errors.csv`` (``file,error``). Raises :class:`InputError` when no item is left.
+    """
+    items = list(items)
+    if len(items) <= 1:
+        return items
+    kept, errors = [], []
+    for item in items:
+        try:
+            check_image(load_image_checked(item[key]), path=str(item[key]), channels=channels)
+        except InputError as err:
+            print(f"skipped: {err}", file=sys.stderr, flush=True)
+            errors.append((str(item[key]), str(err)))
+        else:
+            kept.append(item)
+    if errors and report_dir is not None:
+        atomic_write_text(Path(report_dir) / "errors.csv", _csv([("file", "error"), *errors]))
+    if not kept:
+        raise InputError(None, f"none of the {len(items)} inputs can be used (see the lines above)", "fix or remove the listed files")
+    return kept
+
+
 def voxel_spacing(image: torch.Tensor) -> list[float] | None:
     """Voxel sizes (mm) from a MetaTensor's affine; ``None`` for a plain tensor."""
     affine = getattr(image, "affine", None)
@@ -233,20 +269,8 @@ def summarise(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[list
 
 
 def _source_names(image: Any) -> list[str]:
-    """Case names (file names without image suffix) from a MetaTensor's ``filename_or_obj``."""
-    names = (getattr(image, "meta", None) or {}).get("filename_or_obj")
-    if names is None:
-        return []
-    return [_case_name(n) for n in (names if isinstance(names, (list, tuple)) else [names])]
-
-
-def _case_name(name: Any) -> str:
-    name = str(name).rstrip("/")
-    base = os.path.basename(name)
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if base.endswith(suffix):
-            return base[: -len(suffix)]
-    return base
+    """Case names (file names without image suffix) of a MetaTensor's source files."""
+    return [case_name(n) for n in source_names(image)]
 
 
 def _csv(rows: Sequence[Sequence[Any]]) -> str:
@@ -260,10 +284,10 @@ def _csv(rows: Sequence[Sequence[Any]]) -> str:
 # ---------------------------------------------------------------- engine helpers
 class InputErrorHandler:
     """Ignite handler: when a run fails because of a bad input file, re-raise that
-    :class:`~custom.io.InputError` (one line) instead of the transform error that wraps it.
+    :class:`~custom.errors.InputError` (one line) instead of the transform error that wraps it.
 
     Attach it first, so it runs before ``StatsHandler`` would log the full traceback; wrap the run in
-    :func:`custom.io.exit_on_input_error` to turn it into ``error: <line>`` and exit code 2. Any other
+    :func:`custom.errors.exit_on_input_error` to turn it into ``error: <line>`` and exit code 2. Any other
     exception is re-raised unchanged.
     """
 

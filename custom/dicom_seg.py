@@ -23,7 +23,9 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 
-from custom.io import InputError, atomic_path, check_readable
+from custom.atomic import atomic_path
+from custom.checks import check_readable, source_name
+from custom.errors import InputError
 from custom.labels import SEGMENT_CODES
 
 #: the world axes of NIfTI/MONAI affines (RAS) against DICOM's patient coordinates (LPS)
@@ -264,7 +266,7 @@ class SaveDicomSeg(Transform):
 
     def __call__(self, label: Any, series_dir: str | os.PathLike | None = None) -> Path:
         meta = getattr(label, "meta", {})
-        source = Path(series_dir or meta.get("filename_or_obj", ""))
+        source = Path(series_dir or source_name(label) or "")
         if not source.is_dir():
             raise InputError(source, "DICOM-SEG output needs a DICOM series folder as input",
                              "run with output_type nifti for NIfTI/NRRD inputs")

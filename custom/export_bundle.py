@@ -3,8 +3,9 @@
     python -m custom.export_bundle swin_bob_btcv dist/            # -> dist/swin_bob_btcv/
     python -m custom.export_bundle bundles/swin_bob_btcv dist/ --weights --overwrite
 
-In the repository the bundles import the ``custom`` package; the export copies that package into
-the bundle root, where ``python -m monai.bundle run`` (run from the bundle folder) and MONAI Label
+In the repository the bundles import the ``custom`` package; the export copies the part of it that
+the bundle's configs import (:func:`import_closure`: the modules named by ``_target_``s and ``$``
+expressions, then their own ``custom`` imports, transitively) into the bundle root, where ``python -m monai.bundle run`` (run from the bundle folder) and MONAI Label
 (which puts the bundle folder on ``sys.path``) find it. Before anything appears at the
 destination the copy is checked, and a failed check leaves nothing behind:
 
@@ -23,8 +24,10 @@ The folder is assembled under a temporary name beside the destination and rename
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +37,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from custom.io import InputError, check_writable_dir, cli_main, parse_overrides, sha256_file
+from custom.atomic import check_writable_dir, sha256_file
+from custom.errors import InputError, cli_main, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(__file__).resolve().parent
@@ -117,6 +121,67 @@ def _hash(path: Path, hash_type: str) -> str:
     return digest.hexdigest()
 
 
+def _module_file(module: str, package: Path = PACKAGE) -> Path | None:
+    """``custom.a.b`` -> ``<package>/a/b.py`` or ``<package>/a/b/__init__.py`` (``None``: not a module)."""
+    base = package.joinpath(*module.split(".")[1:])
+    for file in (base.with_suffix(".py"), base / "__init__.py"):
+        if file.is_file():
+            return file
+    return None
+
+
+def _module_of(dotted: str, package: Path = PACKAGE) -> str | None:
+    """The longest prefix of ``custom.a.b.Name`` that is a module of the package."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        if _module_file(".".join(parts[:n]), package):
+            return ".".join(parts[:n])
+    return None
+
+
+def _imports(module: str, file: Path) -> list[str]:
+    """Every ``custom...`` name that ``file`` imports, at any depth (function-local imports included)."""
+    names = []
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's package, up level - 1
+                pkg = module if file.name == "__init__.py" else module.rpartition(".")[0]
+                pkg = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1])
+                base = f"{pkg}.{base}" if base else pkg
+            names += [base] + [f"{base}.{alias.name}" for alias in node.names]  # a name may be a submodule
+    return [n for n in names if n.split(".")[0] == "custom"]
+
+
+def import_closure(config_dir: Path, package: Path = PACKAGE) -> list[Path]:
+    """The package files the bundle needs: every ``custom.x`` named in its config files (``_target_``,
+    ``$import``, ``$custom.x.f(...)``, writer names), then what those modules import from ``custom``,
+    transitively, with the ``__init__.py`` of each package on the way. Returns paths relative to ``package``."""
+    todo = [m for f in sorted(config_dir.glob("*.json")) for d in re.findall(r"\bcustom(?:\.\w+)+", f.read_text())
+            if (m := _module_of(d, package))]
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:n]) for n in range(1, len(parts))]  # importing a.b.c runs a/__init__, a/b/__init__
+        todo += [m for name in _imports(module, _module_file(module, package)) if (m := _module_of(name, package))]
+    return sorted(_module_file(m, package).relative_to(package) for m in seen)
+
+
+def copy_closure(bundle: Path, dest: Path, package: Path = PACKAGE) -> list[Path]:
+    """Copy :func:`import_closure` of ``bundle``'s configs into ``dest`` (the exported ``custom/``)."""
+    files = import_closure(bundle / "configs", package)
+    for rel in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(package / rel, dest / rel)
+    return files
+
+
 def check_sizes(folder: Path, exempt: Sequence[str] = (), limit: int = MAX_FILE_BYTES) -> None:
     """:class:`InputError` for the first file over ``limit`` bytes that is not ``exempt`` (relative paths)."""
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -190,8 +255,9 @@ def export_bundle(
         if not weights:
             for rel in listed:
                 (stage / rel).unlink(missing_ok=True)
-        shutil.copytree(PACKAGE, stage / "custom", ignore=IGNORE)
-        _log(f"copied bundle and custom/ ({sum(1 for p in stage.rglob('*') if p.is_file())} files)")
+        modules = copy_closure(bundle, stage / "custom")
+        _log(f"copied the bundle and the {len(modules)} modules of custom/ its configs import "
+             f"({sum(1 for p in stage.rglob('*') if p.is_file())} files)")
         check_sizes(stage, exempt=listed if weights else ())
         verify_metadata(stage / "configs" / "metadata.json", Path(schema) if schema else None)
         _log("verify_metadata: ok")
@@ -227,5 +293,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
                          net_override=parse_overrides(args.net_override, "--net_override", "feature_size=12"), check_net=not args.no_net_check)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point: :func:`main` without its return value (a console script exits with it)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

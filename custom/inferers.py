@@ -18,6 +18,7 @@ output: the per-voxel normalisation by the summed weights is positive, so it cha
 from __future__ import annotations
 
 import bisect
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -146,6 +147,11 @@ def sliding_window_labels(
     return labels
 
 
+#: the window and decision settings of :func:`sliding_window_labels` (name -> default), shared by its Inferer
+WINDOW_ARGS = {name: p.default for name, p in inspect.signature(sliding_window_labels).parameters.items()
+               if p.default is not inspect.Parameter.empty and name != "sw_batch_size"}
+
+
 class StreamingSlidingWindowInferer(Inferer):
     """MONAI ``Inferer`` over :func:`sliding_window_labels`: window settings as ``SlidingWindowInferer``.
 
@@ -155,32 +161,26 @@ class StreamingSlidingWindowInferer(Inferer):
     post-processing leaves such maps as they are and decides the float maps of other inferers (ETTA).
     """
 
-    def __init__(
-        self,
-        roi_size: Sequence[int] | int,
-        sw_batch_size: int = 1,
-        overlap: Sequence[float] | float = 0.25,
-        mode: BlendMode | str = BlendMode.CONSTANT,
-        sigma_scale: Sequence[float] | float = 0.125,
-        padding_mode: PytorchPadMode | str = PytorchPadMode.CONSTANT,
-        cval: float = 0.0,
-        activation: str = "softmax",
-        axis: int | None = None,
-        buffer_dtype: torch.dtype | str = torch.float32,
-    ) -> None:
+    def __init__(self, roi_size: Sequence[int] | int, sw_batch_size: int = 1, **window: Any) -> None:
+        """``window``: keyword arguments of :func:`sliding_window_labels` (:data:`WINDOW_ARGS`: ``overlap``,
+        ``mode``, ``sigma_scale``, ``padding_mode``, ``cval``, ``activation``, ``axis``, ``buffer_dtype``),
+        documented there once, with its defaults; each becomes an attribute. An unknown name is a
+        ``TypeError`` here, not at the first call."""
         super().__init__()
-        if activation not in ("softmax", "sigmoid"):
-            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-        self.roi_size, self.sw_batch_size, self.overlap = roi_size, int(sw_batch_size), overlap
-        self.mode, self.sigma_scale, self.padding_mode, self.cval = mode, sigma_scale, padding_mode, cval
-        self.activation, self.axis = activation, axis
-        self.buffer_dtype = getattr(torch, buffer_dtype) if isinstance(buffer_dtype, str) else buffer_dtype
+        unknown = set(window) - set(WINDOW_ARGS)
+        if unknown:
+            raise TypeError(f"unknown sliding-window argument(s) {sorted(unknown)}; known: {list(WINDOW_ARGS)}")
+        if isinstance(window.get("buffer_dtype"), str):  # "float16" from a config file
+            window["buffer_dtype"] = getattr(torch, window["buffer_dtype"])
+        if window.get("activation", "softmax") not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {window['activation']!r}")
+        self.roi_size, self.sw_batch_size = roi_size, int(sw_batch_size)
+        vars(self).update({**WINDOW_ARGS, **window})
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-        labels = sliding_window_labels(
-            inputs, self.roi_size, self.sw_batch_size, network, self.overlap, self.mode, self.sigma_scale,
-            self.padding_mode, self.cval, self.activation, self.axis, self.buffer_dtype, *args, **kwargs,
-        )
+        predictor = (lambda windows: network(windows, *args, **kwargs)) if args or kwargs else network
+        labels = sliding_window_labels(inputs, self.roi_size, self.sw_batch_size, predictor,
+                                       **{name: getattr(self, name) for name in WINDOW_ARGS})
         if isinstance(inputs, MetaTensor):
             labels = MetaTensor(labels).copy_meta_from(inputs, copy_attr=False)
         return labels

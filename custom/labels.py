@@ -16,6 +16,8 @@ from typing import Mapping
 
 import numpy as np
 
+from custom.atomic import atomic_write_text
+
 # ---------------------------------------------------------------- UKBOB / TotalVibeSegmentator
 _UKBOB_NAMES = """
 spleen kidney_right kidney_left gallbladder liver stomach pancreas adrenal_gland_right
@@ -280,8 +282,6 @@ def sync_metadata(bundles_dir: str | Path = Path(__file__).resolve().parents[1] 
             differ.append(str(meta_file))
             if not check:
                 first_in["channel_def"], first_out["channel_def"] = in_def, out_def
-                from custom.io import atomic_write_text
-
                 atomic_write_text(meta_file, json.dumps(meta, indent=4) + "\n")
     return differ
 

@@ -30,13 +30,14 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 
 from custom import labels as L
-from custom.io import InputError, atomic_write_text, check_writable_dir, sha256_file
+from custom.atomic import atomic_write_text, check_writable_dir, sha256_file
+from custom.errors import InputError, exit_on_input_error
 
 DATA_ENV = "SWIN_BOB_DATA"
 
@@ -234,6 +235,12 @@ class Case:
     note: str = ""
 
 
+def dataset_meta(name: str, description: str, licence: str, channels: Sequence[str], labels: Mapping[int, str]) -> dict:
+    """The descriptive part of a Decathlon ``dataset.json``: channel names and label names keyed by str(index)."""
+    return {"name": name, "description": description, "licence": licence,
+            "modality": {str(i): c for i, c in enumerate(channels)}, "labels": {str(k): v for k, v in labels.items()}}
+
+
 def write_dataset(
     folder: Path, cases: Mapping[str, list[Case]], meta: dict, readme: str, image_dtype: type = np.float32
 ) -> Path:
@@ -386,13 +393,11 @@ def build_btcv_sample(root: Path, raw: Path) -> Path:
             "test": [cases["ct_aorta"]],
             "mr": [cases["mr_abdomen"]],
         },
-        {
-            "name": "btcv_sample",
-            "description": "Real CT (TotalSegmentator 2.18.0 reference files) relabelled to BTCV ids",
-            "licence": "Apache-2.0 (TotalSegmentator)",
-            "modality": {"0": "CT"},
-            "labels": {str(k): v for k, v in L.BTCV_LABELS.items()},
-        },
+        dataset_meta(
+            "btcv_sample",
+            "Real CT (TotalSegmentator 2.18.0 reference files) relabelled to BTCV ids",
+            "Apache-2.0 (TotalSegmentator)", ("CT",), L.BTCV_LABELS,
+        ),
         _BTCV_README,
     )
     # the series as a folder too, for inference straight from DICOM, with the UIDs a PACS needs
@@ -417,13 +422,11 @@ def build_ukbob_sample(root: Path, raw: Path) -> Path:
             "validation": [dixon["ct_dicom"]],
             "test": [dixon["ct_aorta"]],
         },
-        {
-            "name": "ukbob_sample",
-            "description": "Real anatomy with UKBOB labels; Dixon-like channels derived from CT (not real MRI)",
-            "licence": "Apache-2.0 (TotalSegmentator)",
-            "modality": {str(i): c for i, c in enumerate(L.DIXON_CHANNELS)},
-            "labels": {str(k): v for k, v in L.UKBOB_LABELS.items()},
-        },
+        dataset_meta(
+            "ukbob_sample",
+            "Real anatomy with UKBOB labels; Dixon-like channels derived from CT (not real MRI)",
+            "Apache-2.0 (TotalSegmentator)", L.DIXON_CHANNELS, L.UKBOB_LABELS,
+        ),
         _UKBOB_README,
     )
 
@@ -512,13 +515,11 @@ def build_brats_sample(root: Path, raw: Path) -> Path:
     folder = write_dataset(
         root / "brats_sample",
         {"training": [cases["brain1"]], "validation": [cases["brain2"]]},
-        {
-            "name": "brats_sample",
-            "description": "Real T1c brain MRI (pyradiomics 3.0.1) with derived T1/T2/FLAIR and lesion sub-regions (not BraTS)",
-            "licence": "BSD-3-Clause (pyradiomics)",
-            "modality": {str(i): c for i, c in enumerate(L.BRATS_CONTRASTS)},
-            "labels": {str(k): v for k, v in L.BRATS_LABELS.items()},
-        },
+        dataset_meta(
+            "brats_sample",
+            "Real T1c brain MRI (pyradiomics 3.0.1) with derived T1/T2/FLAIR and lesion sub-regions (not BraTS)",
+            "BSD-3-Clause (pyradiomics)", L.BRATS_CONTRASTS, L.BRATS_LABELS,
+        ),
         _BRATS_README,
     )
     datalist = json.loads((folder / "dataset.json").read_text())
@@ -569,15 +570,18 @@ def prepare_all(root: str | os.PathLike | None = None, force: bool = False) -> d
 
 def main(root: str | None = None, force: bool = False, only: str | None = None) -> None:
     """``python -m custom.sample_data [--root DIR] [--force] [--only NAME]``."""
-    from custom.io import exit_on_input_error
-
     if only:
         exit_on_input_error(prepare, only, root, force)
     else:
         exit_on_input_error(prepare_all, root, force)
 
 
-if __name__ == "__main__":
-    import fire
+def cli() -> None:
+    """Console entry point and ``python -m``: :func:`main`'s arguments from the command line."""
+    import fire  # only for the command line
 
     fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -42,12 +42,15 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from custom.io import InputError, atomic_write_text, check_readable, check_writable_dir, cli_main, parse_overrides
+from custom.atomic import atomic_write_text, check_writable_dir
+from custom.checks import case_name, check_readable
+from custom.errors import InputError, cli_main, parse_overrides
 from custom.labels import BRATS_LABELS, BTCV_LABELS, UKBOB_LABELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,13 +77,6 @@ def stats_path(output: str | os.PathLike) -> Path:
         if name.endswith(suffix):
             return output.with_name(name[: -len(suffix)] + ".json")
     return output.with_name(name + ".json")
-
-
-def case_name(image: str | os.PathLike) -> str:
-    """``/data/ct_01.nii.gz`` -> ``ct_01``; a DICOM series folder -> the folder's name."""
-    from custom.bundle_utils import _case_name
-
-    return _case_name(image)
 
 
 def bundle_dir(bundle: str, bundles_root: str | os.PathLike | None = None) -> Path:
@@ -162,7 +158,7 @@ def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: boo
         staged = _predictor(spec, output_dir).predict(image)
         qc = None
         if stats or qc_reference:
-            from custom.io import load_image_checked
+            from custom.transforms import load_image_checked
 
             pixels = np.asarray(load_image_checked(image))
         if qc_reference:
@@ -188,7 +184,7 @@ def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: boo
         else:
             os.replace(staged, output)
     except Exception as exc:  # noqa: BLE001 - a bad case is reported, the cohort goes on
-        from custom.io import find_input_error
+        from custom.errors import find_input_error
 
         err = find_input_error(exc)
         if err is not None:
@@ -198,56 +194,73 @@ def segment_case(spec: Any, output_dir: str, image: str, output: str, stats: boo
     return {"image": image, "output": output, "seconds": time.perf_counter() - start, "qc": qc}
 
 
-def _spec(bundle: str, model: str | os.PathLike | None, device: str | None, etta: bool,
-          bundles_root: str | os.PathLike | None, overrides: Mapping[str, Any] | None) -> Any:
+@dataclass(frozen=True)
+class SegmentOptions:
+    """What :func:`segment` and :func:`segment_cohort` take as keyword arguments besides their paths.
+
+    Attributes:
+        bundle: ``btcv``, ``ukbob`` or ``brats`` (a key of :data:`BUNDLES`).
+        etta: entropy test-time adaptation (the bundle's ``use_etta``).
+        device: ``cpu`` or ``cuda`` (``None``: cuda when available).
+        stats: also write per-organ statistics (``<case>.json``, TotalSegmentator's format).
+        model: weights instead of the bundle's ``models/model.pt``.
+        bundles_root: the folder holding the bundles (default the repository's ``bundles/``).
+        overrides: ``inference.json`` overrides, as ``monai.bundle run`` takes them.
+        output_type: ``nifti`` or ``dicom_seg`` (a DICOM-SEG of each input DICOM series).
+        qc: per-organ QC against the bundle's ``models/qc_reference.json``.
+    """
+
+    bundle: str = "btcv"
+    etta: bool = False
+    device: str | None = None
+    stats: bool = False
+    model: str | os.PathLike | None = None
+    bundles_root: str | os.PathLike | None = None
+    overrides: Mapping[str, Any] | None = field(default=None, hash=False)
+    output_type: str = "nifti"
+    qc: bool = False
+
+
+def _spec(o: SegmentOptions) -> Any:
     from custom.predict import BundleSpec
 
-    folder = bundle_dir(bundle, bundles_root)
-    ckpt = Path(model).expanduser().resolve() if model else folder / "models" / "model.pt"
-    device = device or ("cuda" if _cuda() else "cpu")
-    check_model(folder, ckpt, device, etta)
-    return BundleSpec(str(folder), str(ckpt), "cuda:0" if device == "cuda" else device, bool(etta), BundleSpec.freeze(overrides))
+    folder = bundle_dir(o.bundle, o.bundles_root)
+    ckpt = Path(o.model).expanduser().resolve() if o.model else folder / "models" / "model.pt"
+    device = o.device or ("cuda" if _cuda() else "cpu")
+    check_model(folder, ckpt, device, o.etta)
+    return BundleSpec(str(folder), str(ckpt), "cuda:0" if device == "cuda" else device, bool(o.etta), BundleSpec.freeze(o.overrides))
 
 
-def segment(
-    input_path: str | os.PathLike,
-    output: str | os.PathLike,
-    bundle: str = "btcv",
-    etta: bool = False,
-    device: str | None = None,
-    stats: bool = False,
-    model: str | os.PathLike | None = None,
-    bundles_root: str | os.PathLike | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    output_type: str = "nifti",
-    qc: bool = False,
-) -> Path:
-    """Run ``bundle``'s inference.json on one volume; write ``output`` (and its stats / QC); return it.
+def segment(input_path: str | os.PathLike, output: str | os.PathLike, **options: Any) -> Path:
+    """Run the bundle's inference.json on one volume; write ``output`` (and its stats / QC); return it.
 
-    ``output_type="dicom_seg"``: ``input_path`` must be a DICOM series folder and ``output`` a ``.dcm``
-    file; the label map is written as a DICOM-SEG of that series (``custom.dicom_seg``)."""
+    ``options``: the fields of :class:`SegmentOptions`. ``output_type="dicom_seg"``: ``input_path``
+    must be a DICOM series folder and ``output`` a ``.dcm`` file; the label map is written as a
+    DICOM-SEG of that series (``custom.dicom_seg``)."""
     from custom.bundle_utils import inference_datalist
+
+    o = SegmentOptions(**options)
 
     input_path, output = Path(input_path).expanduser().resolve(), Path(output).expanduser().resolve()
     check_readable(input_path)
     if output.is_dir():
         raise InputError(output, "is a folder", "give a file name such as seg.nii.gz, or a folder name for many cases")
-    if output_type == "nifti" and not output.name.endswith(NIFTI_SUFFIXES):
+    if o.output_type == "nifti" and not output.name.endswith(NIFTI_SUFFIXES):
         raise InputError(output, "the output must be a NIfTI file name", "end it with .nii.gz (or use --output_type dicom_seg)")
     check_writable_dir(output.parent)
-    if output_type == "dicom_seg":
+    if o.output_type == "dicom_seg":
         from custom.dicom_seg import check_request
 
         check_request(input_path, output)  # a series folder in, .dcm out, before any network runs
-    spec = _spec(bundle, model, device, etta, bundles_root, overrides)
-    reference = str(qc_reference_path(spec)) if qc else None
+    spec = _spec(o)
+    reference = str(qc_reference_path(spec)) if o.qc else None
     items = inference_datalist(input_path)
     if len(items) != 1:
         raise InputError(input_path, f"holds {len(items)} volumes; a .nii.gz output takes one",
                          "give an output folder instead (-o OUTDIR) to segment them all")
-    _log(f"{Path(spec.folder).name} on {input_path.name} ({spec.device}{', ETTA' if etta else ''})")
+    _log(f"{Path(spec.folder).name} on {input_path.name} ({spec.device}{', ETTA' if o.etta else ''})")
     try:
-        result = segment_case(spec, str(output.parent), items[0]["image"], str(output), stats, bundle, output_type, reference)
+        result = segment_case(spec, str(output.parent), items[0]["image"], str(output), o.stats, o.bundle, o.output_type, reference)
     finally:
         _predictor.cache_clear()
         _remove_staging(output.parent)
@@ -255,8 +268,8 @@ def segment(
         if result["bad_input"]:
             raise InputError(None, result["error"])
         raise RuntimeError(f"{result['error']}\n{result['traceback']}")
-    written = [output.name] + [stats_path(output).name] * stats
-    if qc:
+    written = [output.name] + [stats_path(output).name] * o.stats
+    if o.qc:
         from custom.solf.qc import qc_paths
 
         written.append(f"{qc_paths(output)[0].name} ({_flag_summary(result['qc'])})")
@@ -286,20 +299,14 @@ def _flag_summary(qc: Mapping[str, Any] | None) -> str:
 def segment_cohort(
     input_path: str | os.PathLike,
     output_dir: str | os.PathLike,
-    bundle: str = "btcv",
-    etta: bool = False,
-    device: str | None = None,
-    stats: bool = False,
-    model: str | os.PathLike | None = None,
-    bundles_root: str | os.PathLike | None = None,
-    overrides: Mapping[str, Any] | None = None,
     workers: int = 1,
     scheduler: str | None = None,
     quiet: bool = True,
-    output_type: str = "nifti",
-    qc: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Segment every case of ``input_path`` into ``output_dir``; skip complete cases; report bad ones.
+
+    ``options``: the fields of :class:`SegmentOptions`, as for :func:`segment`.
 
     Returns ``{"done": n segmented now, "skipped": n already complete, "errors": [rows], "outputs": [...]}``.
     ``workers`` <= 1 and no ``scheduler``: in this process; otherwise through :class:`custom.parallel.Executor`
@@ -307,9 +314,10 @@ def segment_cohort(
     """
     from custom.bundle_utils import inference_datalist
 
+    o = SegmentOptions(**options)
     output_dir = check_writable_dir(Path(output_dir).expanduser().resolve())
-    spec = _spec(bundle, model, device, etta, bundles_root, overrides)
-    reference = str(qc_reference_path(spec)) if qc else None
+    spec = _spec(o)
+    reference = str(qc_reference_path(spec)) if o.qc else None
     items = inference_datalist(Path(input_path).expanduser().resolve(), check=False)
     cases: dict[str, str] = {}
     for item in items:
@@ -317,13 +325,13 @@ def segment_cohort(
         if name in cases:
             raise InputError(item["image"], f"two inputs are named {name!r} ({cases[name]})", "give each case a distinct file name")
         cases[name] = item["image"]
-    outputs = {name: output_dir / f"{name}_seg{OUTPUT_SUFFIXES[output_type]}" for name in cases}
-    todo = [name for name in cases if not _is_complete(outputs[name], stats, qc)]
+    outputs = {name: output_dir / f"{name}_seg{OUTPUT_SUFFIXES[o.output_type]}" for name in cases}
+    todo = [name for name in cases if not _is_complete(outputs[name], o.stats, o.qc)]
     _remove_staging(output_dir)  # what a killed run left half-done
-    _log(f"{Path(spec.folder).name} on {len(cases)} case(s) ({spec.device}{', ETTA' if etta else ''}): "
+    _log(f"{Path(spec.folder).name} on {len(cases)} case(s) ({spec.device}{', ETTA' if o.etta else ''}): "
          f"{len(cases) - len(todo)} already done, {len(todo)} to segment")
 
-    args = [(spec, str(output_dir), cases[name], str(outputs[name]), stats, bundle, output_type, reference) for name in todo]
+    args = [(spec, str(output_dir), cases[name], str(outputs[name]), o.stats, o.bundle, o.output_type, reference) for name in todo]
     errors: list[dict[str, Any]] = []
     finished = 0
     try:
@@ -343,9 +351,9 @@ def segment_cohort(
         _predictor.cache_clear()
         _remove_staging(output_dir)
     _write_errors(output_dir, errors)
-    if stats:
+    if o.stats:
         _write_statistics(output_dir, {name: stats_path(outputs[name]) for name in cases})
-    if qc:
+    if o.qc:
         from custom.solf.qc import qc_paths
 
         _write_qc_flags(output_dir, {name: qc_paths(outputs[name])[0] for name in cases})
@@ -453,5 +461,10 @@ def main(argv: Sequence[str] | None = None) -> Path | dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point: :func:`main` without its return value (a console script exits with it)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

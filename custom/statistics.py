@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from custom.atomic import atomic_write_text
 from custom.solf.features import BORDER_MARGIN, voxel_spacing
 
 
@@ -108,6 +109,4 @@ def organ_statistics(
 
 def write_statistics(path: str | os.PathLike, stats: Mapping[str, Any]) -> Path:
     """Write ``stats`` as ``statistics.json`` (indent 4, as TotalSegmentator), atomically."""
-    from custom.io import atomic_write_text
-
     return atomic_write_text(path, json.dumps(stats, indent=4) + "\n")

@@ -48,7 +48,9 @@ from typing import Any, Iterable, Mapping
 import torch
 from monai.handlers import CheckpointLoader
 
-from custom.io import InputError, atomic_path, check_readable, cli_main
+from custom.atomic import atomic_path
+from custom.checks import check_readable
+from custom.errors import InputError, cli_main
 
 logger = logging.getLogger(__name__)
 
@@ -389,7 +391,12 @@ def main(src: str, bundle: str = "", out: str = "", config: str = "inference.jso
     print(f"wrote {out_path} ({result.summary()})", flush=True)
 
 
-if __name__ == "__main__":
-    import fire
+def cli() -> None:
+    """Console entry point and ``python -m``: :func:`main`'s arguments from the command line."""
+    import fire  # only for the command line
 
     fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,5 +1,10 @@
 """Small MONAI transforms that MONAI itself has no component for.
 
+Safe loading and input checks (the MONAI side of :mod:`custom.checks`): :class:`SafeLoadImaged`
+(``LoadImaged`` whose failures name the file in one line), :class:`CheckImage(d)` (wrong channel
+count, NaN, constant images), :class:`CheckLabeld` (ids outside the taxonomy), :class:`CheckSameGridd`
+(a label not on its image's grid), and :class:`AtomicNibabelWriter` for ``SaveImage(d)``.
+
 Left-right flip that swaps paired labels (``docs/labels.md``, left/right pairs): flipping a body left-right without
 relabelling teaches the network that the left kidney is on the right. :class:`FlipSwapLR` flips the
 image with ``monai.transforms.Flip`` (metadata and applied-operation tracking included) and maps each
@@ -17,18 +22,37 @@ every request (MONAI 1.6 takes it for a metadata dict).
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Mapping, Sequence
+import os
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Flip, MapTransform, RandomizableTransform, Spacingd, Transform
+from monai.data import NibabelWriter
+from monai.transforms import Flip, LoadImage, LoadImaged, MapTransform, RandomizableTransform, Spacingd, Transform
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
-from custom.io import InputError
+from custom.atomic import atomic_path
+from custom.checks import check_image, check_label, check_readable, check_same_grid, source_name
+from custom.errors import InputError
 from custom.labels import BRATS_LABELS, BRATS_REGIONS, IGNORE_LABEL, UKBOB_LR_PAIRS, UKBOB_LUNG_LOBE_IDS
 
 LUNG_POLICIES = ("skip", "ignore", "error")
+
+
+class ArrayTwind(MapTransform):
+    """Dictionary twin of an array transform: each of ``keys`` replaced by ``self.transform(d[key])``.
+
+    A subclass builds ``self.transform`` (the array version) in ``__init__``. Input and output: a dict.
+    """
+
+    transform: Callable[[Any], Any]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
 
 
 def swap_table(pairs: Sequence[tuple[int, int]], size: int = 256) -> torch.Tensor:
@@ -47,7 +71,7 @@ class FlipSwapLR(Transform):
     Output: the flipped, relabelled map (same type). Raises ``ValueError`` when the map contains an
     id of ``unpaired_ids`` (lung lobes) and ``unpaired="error"``; with ``"ignore"`` those voxels
     become ``ignore_value``. An id outside ``0..max(255, ignore_value)`` raises
-    :class:`custom.io.InputError`.
+    :class:`custom.errors.InputError`.
     """
 
     def __init__(
@@ -79,7 +103,7 @@ class FlipSwapLR(Transform):
         ids = flipped.long().as_subclass(torch.Tensor)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.table)):
             bad = torch.unique(ids[(ids < 0) | (ids >= len(self.table))])[:5].tolist()
-            raise InputError(_meta_file(label), f"label id(s) {bad} are outside 0..{len(self.table) - 1}", "remap the labels to the bundle's ids")
+            raise InputError(source_name(label), f"label id(s) {bad} are outside 0..{len(self.table) - 1}", "remap the labels to the bundle's ids")
         swapped = self.table.to(ids.device)[ids].to(flipped.dtype)
         if was_numpy:
             return swapped.numpy().astype(label.dtype)
@@ -157,17 +181,12 @@ BRATS_PAINT_ORDER = _brats_paint_order()
 BRATS_IDS = frozenset(BRATS_LABELS)
 
 
-def _meta_file(img: Any) -> str | None:
-    name = getattr(img, "meta", {}).get("filename_or_obj") if hasattr(img, "meta") else None
-    return str(name) if name else None
-
-
 class BratsLabelToRegions(Transform):
     """BraTS 2023 label map -> one binary channel per region of ``BRATS_REGIONS`` (TC, WT, ET).
 
     Input: ``(1, H, W, D)`` ids 0 background, 1 NCR, 2 ED, 3 ET (tensor, MetaTensor or NumPy).
     Output: ``(3, H, W, D)`` float32 masks TC = {1, 3}, WT = {1, 2, 3}, ET = {3}, same type and
-    metadata. Any other id (e.g. 4, the BraTS 2021 ET id) raises :class:`custom.io.InputError`.
+    metadata. Any other id (e.g. 4, the BraTS 2021 ET id) raises :class:`custom.errors.InputError`.
     """
 
     def __call__(self, label: Any) -> Any:
@@ -178,7 +197,7 @@ class BratsLabelToRegions(Transform):
         bad = sorted(set(torch.unique(lab).tolist()) - BRATS_IDS)
         if bad:
             fix = "BraTS 2021 files use 4 for ET: map 4 -> 3" if 4 in bad else "give a BraTS 2023 label map"
-            raise InputError(_meta_file(label), f"label id(s) {bad} are not BraTS 2023 ids {sorted(BRATS_IDS)}", fix)
+            raise InputError(source_name(label), f"label id(s) {bad} are not BraTS 2023 ids {sorted(BRATS_IDS)}", fix)
         masks = torch.cat([torch.isin(lab, torch.tensor(sorted(ids))) for _, ids in BRATS_REGIONS]).float()
         out, *_ = convert_to_dst_type(masks, label, dtype=torch.float32 if not isinstance(label, np.ndarray) else np.float32)
         return out
@@ -207,32 +226,20 @@ class BratsRegionsToLabel(Transform):
         return out
 
 
-class BratsLabelToRegionsd(MapTransform):
+class BratsLabelToRegionsd(ArrayTwind):
     """Dictionary version of :class:`BratsLabelToRegions`: ``keys`` hold ``(1, H, W, D)`` BraTS 2023 label maps."""
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.converter = BratsLabelToRegions()
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
+        self.transform = BratsLabelToRegions()
 
 
-class BratsRegionsToLabeld(MapTransform):
+class BratsRegionsToLabeld(ArrayTwind):
     """Dictionary version of :class:`BratsRegionsToLabel`: ``keys`` hold ``(3, H, W, D)`` TC/WT/ET masks."""
 
     def __init__(self, keys: KeysCollection, dtype: Any = torch.uint8, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.converter = BratsRegionsToLabel(dtype)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
+        self.transform = BratsRegionsToLabel(dtype)
 
 
 class LogitsToLabels(Transform):
@@ -261,18 +268,12 @@ class LogitsToLabels(Transform):
         return out
 
 
-class LogitsToLabelsd(MapTransform):
+class LogitsToLabelsd(ArrayTwind):
     """Dictionary version of :class:`LogitsToLabels`."""
 
     def __init__(self, keys: KeysCollection, activation: str = "softmax", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.converter = LogitsToLabels(activation)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
+        self.transform = LogitsToLabels(activation)
 
 
 # ---------------------------------------------------------------- MONAI Label's extra keys
@@ -360,3 +361,126 @@ class InvertLabelsd(MapTransform):
             result.meta["spatial_shape"] = np.asarray(input_shape)
             d[key] = result
         return d
+
+
+# ---------------------------------------------------------------- safe loading, input checks, atomic output
+def load_image_checked(path: str | os.PathLike, reader: str | None = None) -> Any:
+    """``monai.transforms.LoadImage`` (channel-first, with metadata) with one-line errors for bad files."""
+    path = check_readable(path)
+    try:
+        return LoadImage(reader=reader, image_only=True, ensure_channel_first=True)(str(path))
+    except Exception as exc:  # noqa: BLE001 - readers raise many types; all mean "cannot read"
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise InputError(
+            path, f"cannot be read as an image ({detail})",
+            "give a NIfTI/NRRD file or a DICOM series folder; re-export it if it is truncated",
+        ) from None
+
+
+class SafeLoadImaged(LoadImaged):
+    """``monai.transforms.LoadImaged`` (same arguments) whose failures name the file in one line.
+
+    A truncated ``.nii.gz``, a file that is not an image or an empty file otherwise fails deep in a
+    reader with a multi-line traceback that does not say which file; here each path is checked first
+    and, when loading fails, the failing key's file is re-read with :func:`load_image_checked` to
+    raise its :class:`InputError`. Input: ``{key: path}``; output: as ``LoadImaged``.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        paths = [data[key] for key in self.key_iterator(dict(data)) if isinstance(data[key], (str, os.PathLike))]
+        for path in paths:
+            check_readable(path)
+        try:
+            return super().__call__(data, reader)
+        except Exception:
+            for path in paths:
+                load_image_checked(path)  # raises the one-line InputError of the file that fails
+            raise
+
+
+class CheckImage(Transform):
+    """Array version of :class:`CheckImaged`: returns its input unchanged or raises :class:`InputError`."""
+
+    def __init__(self, channels: int | None = None, allow_constant: bool = False):
+        self.channels, self.allow_constant = channels, allow_constant
+
+    def __call__(self, img: Any) -> Any:
+        check_image(img, channels=self.channels, allow_constant=self.allow_constant)
+        return img
+
+
+class CheckImaged(MapTransform):
+    """Validate loaded images (after ``LoadImaged`` + ``EnsureChannelFirstd``) before preprocessing.
+
+    Input: a dict with channel-first images under ``keys``. Output: the same dict, unchanged.
+    Raises :class:`InputError` (one line naming the source file) for a wrong channel count, NaN or
+    infinite voxels, or a constant image.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        channels: int | Sequence[int | None] | None = None,
+        allow_constant: bool = False,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        n = len(self.keys)
+        self.channels = list(channels) if isinstance(channels, Sequence) else [channels] * n
+        self.checkers = [CheckImage(c, allow_constant) for c in self.channels]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, checker in self.key_iterator(d, self.checkers):
+            checker(d[key])
+        return d
+
+
+class CheckLabeld(MapTransform):
+    """Validate loaded label maps: integer ids within ``0..num_classes-1`` (plus ``extra_ids``).
+
+    Input: a dict with channel-first label maps under ``keys``; output: the same dict, unchanged.
+    Raises :class:`InputError` naming the label file (:func:`custom.checks.check_label`); without it
+    an id beyond the class count fails deep inside one-hot encoding with an index error.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int, extra_ids: Sequence[int] = (), allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes, self.extra_ids = num_classes, tuple(extra_ids)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            check_label(d[key], self.num_classes, self.extra_ids)
+        return d
+
+
+class CheckSameGridd(MapTransform):
+    """Check that every key in ``keys`` is on the voxel grid of ``ref_key`` (after ``LoadImaged``).
+
+    Input and output: the same dict, unchanged; :class:`InputError` naming the file otherwise.
+    """
+
+    def __init__(self, keys: KeysCollection, ref_key: str = "image", atol_mm: float = 1e-3, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key, self.atol_mm = ref_key, atol_mm
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            check_same_grid(d[self.ref_key], d[key], self.atol_mm)
+        return d
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """``monai.data.NibabelWriter`` that writes to a temporary file and renames it into place.
+
+    Use it as ``SaveImaged(..., writer="custom.transforms.AtomicNibabelWriter")``: an interrupted or
+    failed save leaves no truncated ``.nii.gz`` behind.
+    """
+
+    def write(self, filename: os.PathLike | str, verbose: bool = False, **obj_kwargs: Any) -> None:
+        with atomic_path(filename) as tmp:
+            super().write(tmp, verbose=False, **obj_kwargs)
+        if verbose:
+            print(f"wrote {filename}", flush=True)

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from custom.io import atomic_path, cli_main, load_image_checked
+from custom.atomic import atomic_path
+from custom.checks import case_name, source_name
+from custom.errors import InputError, cli_main
 from custom.labels import TAXONOMIES
 
 __all__ = ["label_colors", "to_display_volume", "pick_slice", "render_slice", "save_overlay_png", "save_sweep_gif", "OverlaySaver", "main"]
@@ -190,16 +192,9 @@ def save_sweep_gif(
 
 
 def _case_name(meta: Mapping[str, Any] | None, fallback: str) -> str:
-    name = (meta or {}).get("filename_or_obj")
-    if isinstance(name, (list, tuple)):
-        name = name[0] if name else None
-    if not name:
-        return fallback
-    base = os.path.basename(str(name).rstrip("/"))
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if base.endswith(suffix):
-            return base[: -len(suffix)]
-    return base
+    """The case name of a MONAI metadata dict's source file (``fallback`` when it names none)."""
+    name = source_name(meta or {})
+    return case_name(name) if name else fallback
 
 
 class OverlaySaver:
@@ -265,13 +260,13 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--gif", action="store_true", help="also write a GIF sweep through the volume")
     args = parser.parse_args(argv)
 
+    from custom.transforms import load_image_checked  # MONAI only for the command line: overlays need NumPy
+
     image = load_image_checked(args.image)
     pred = load_image_checked(args.pred)
     label = load_image_checked(args.label) if args.label else None
     for path, vol in ((args.pred, pred), (args.label, label)):
         if vol is not None and tuple(vol.shape[1:]) != tuple(image.shape[1:]):
-            from custom.io import InputError
-
             raise InputError(path, f"its grid {tuple(vol.shape[1:])} differs from the image's {tuple(image.shape[1:])}", "give a label map on the image's grid")
     name = _case_name(image.meta, "case")
     out = Path(args.out)
@@ -284,5 +279,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point: :func:`main` without its return value (a console script exits with it)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

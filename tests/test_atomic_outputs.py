@@ -79,7 +79,7 @@ def test_solf_killed_while_publishing_decisions_leaves_only_complete_files(solf_
 
 
 def test_bundles_write_predictions_and_checkpoints_atomically():
-    """Every SaveImaged in a bundle uses custom.io.AtomicNibabelWriter; every CheckpointSaver is atomic."""
+    """Every SaveImaged in a bundle uses custom.transforms.AtomicNibabelWriter; every CheckpointSaver is atomic."""
     found = {"SaveImaged": 0, "saver": 0}
 
     def walk(node, where):
@@ -87,10 +87,10 @@ def test_bundles_write_predictions_and_checkpoints_atomically():
             target = node.get("_target_", "")
             if target.endswith("SaveImaged"):
                 found["SaveImaged"] += 1
-                assert node.get("writer") == "custom.io.AtomicNibabelWriter", where
+                assert node.get("writer") == "custom.transforms.AtomicNibabelWriter", where
             if target.endswith("CheckpointSaver"):
                 found["saver"] += 1
-                assert target == "custom.io.AtomicCheckpointSaver", where
+                assert target == "custom.handlers.AtomicCheckpointSaver", where
             for value in node.values():
                 walk(value, where)
         elif isinstance(node, list):
@@ -106,7 +106,7 @@ def test_atomic_checkpoint_saver_publishes_complete_files_only(tmp_path):
     """The saver used by the bundles: a failing save leaves no file under the checkpoint's name."""
     from ignite.engine import Engine
 
-    from custom.io import AtomicCheckpointSaver
+    from custom.handlers import AtomicCheckpointSaver
 
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)

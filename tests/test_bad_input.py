@@ -341,7 +341,7 @@ def test_pickled_checkpoint_is_refused_by_the_bundle_loader(bad):
     """``custom.transfer.SafeCheckpointLoader`` (the bundles' CheckpointLoader): refuses, one line."""
     from ignite.engine import Engine
 
-    from custom.io import InputError
+    from custom.errors import InputError
     from custom.transfer import SafeCheckpointLoader
 
     from monai.networks.nets import SwinUNETR
@@ -359,7 +359,8 @@ def test_pickled_checkpoint_is_refused_by_the_bundle_loader(bad):
 def test_label_and_grid_checks_name_the_file(bad):
     from monai.transforms import LoadImaged
 
-    from custom.io import CheckLabeld, CheckSameGridd, InputError
+    from custom.errors import InputError
+    from custom.transforms import CheckLabeld, CheckSameGridd
 
     load = LoadImaged(["image", "label"], ensure_channel_first=True)
     good = load({"image": bad["good_ct"], "label": bad["good_label"]})

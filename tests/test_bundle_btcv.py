@@ -52,27 +52,10 @@ def trained(tmp_path_factory, btcv_sample) -> Path:
     return root
 
 
-def test_metadata_verifies_offline():
-    from monai.bundle import verify_metadata
-
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))  # raises on any schema error
+def test_metadata_names_the_schema_and_classes():
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["schema"].startswith("https://github.com/Project-MONAI/MONAI-extra-test-data/")
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 14
-
-
-@pytest.mark.parametrize(("configs", "workflow_type"), [(("train.json",), "train"), (("inference.json",), "infer")])
-def test_config_properties_complete(configs, workflow_type, btcv_sample):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(
-        config_file=_config(*configs), workflow_type=workflow_type, logging_file=LOGGING,
-        meta_file=str(CONFIGS / "metadata.json"), dataset_dir=str(btcv_sample), cache_rate=0.0, **TINY,
-    )
-    wf.initialize()
-    assert wf.check_properties() == []
-    net = wf.parser.get_parsed_content("network_def")
-    assert type(net).__name__ == "SwinUNETR" and net.out.conv.conv.out_channels == 14
 
 
 def test_pretrained_ckpt_loaded_before_training(trained, btcv_sample):

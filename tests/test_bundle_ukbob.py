@@ -32,12 +32,9 @@ TINY = {"network_def#feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [4.0
 workflow = partial(bundle_workflow, "swin_bob_ukbob", **TINY)
 
 
-def test_metadata_verifies_offline_and_matches_the_label_table() -> None:
-    from monai.bundle import verify_metadata
-
+def test_metadata_matches_the_label_table() -> None:
     from custom.labels import DIXON_CHANNELS, UKBOB_LABELS, sync_metadata
 
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
     meta = json.loads((CONFIGS / "metadata.json").read_text())["network_data_format"]
     assert meta["inputs"]["image"]["channel_def"] == {str(i): c for i, c in enumerate(DIXON_CHANNELS)}
     assert meta["outputs"]["pred"]["num_channels"] == 73 == len(meta["outputs"]["pred"]["channel_def"])

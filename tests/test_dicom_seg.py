@@ -24,7 +24,7 @@ import pytest
 from custom import dicom_seg as D
 from custom import labels as L
 from custom import sample_data as S
-from custom.io import InputError
+from custom.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 Random shapes, ids (taxonomy ids, the ignore value and ids outside every taxonomy), anisotropic and
 flipped voxel grids, empty maps and single-voxel organs. The contract under test: each function
 either returns finite, consistent numbers or raises the documented one-line
-:class:`custom.io.InputError`; nothing else escapes.
+:class:`custom.errors.InputError`; nothing else escapes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from monai.data import MetaTensor
 
-from custom.io import InputError
+from custom.errors import InputError
 from custom.labels import (
     BRATS_LABELS,
     IGNORE_LABEL,

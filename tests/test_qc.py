@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from custom.io import InputError, find_input_error
+from custom.errors import InputError, find_input_error
 from custom.labels import BTCV_LABELS, TOTALSEG_TOTAL_TO_UKBOB, UKBOB_LABELS
 from custom.solf import reference as R
 from custom.solf.features import FEATURES

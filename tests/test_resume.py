@@ -91,7 +91,7 @@ def test_every_bundle_checkpoints_full_training_state_and_can_resume():
         cfg = json.loads((bundle / "configs" / "train.json").read_text())
         assert cfg["resume"] is False, bundle.name
         saver, loader = cfg["train"]["checkpoint_saver"], cfg["train"]["checkpoint_loader"]
-        assert saver["_target_"] == "custom.io.AtomicCheckpointSaver" and set(saver["save_dict"]) == STATE_KEYS, bundle.name
+        assert saver["_target_"] == "custom.handlers.AtomicCheckpointSaver" and set(saver["save_dict"]) == STATE_KEYS, bundle.name
         assert saver["save_interval"] == "@ckpt_interval" and saver["n_saved"] >= 1, bundle.name
         assert loader["_target_"] == "custom.transfer.SafeCheckpointLoader" and set(loader["load_dict"]) == STATE_KEYS
         assert "$@train#checkpoint_loader.attach(@train#trainer) if @resume else None" in cfg["run"], bundle.name
@@ -101,7 +101,7 @@ def test_every_bundle_checkpoints_full_training_state_and_can_resume():
 
 
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
-    from custom.io import InputError
+    from custom.errors import InputError
     from custom.transfer import latest_checkpoint
 
     with pytest.raises(InputError, match="no training checkpoint .* to resume from. Fix: start without --resume true"):

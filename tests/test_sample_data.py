@@ -9,7 +9,8 @@ import pytest
 
 from custom import labels as L
 from custom import sample_data as S
-from custom.io import InputError, sha256_file
+from custom.atomic import sha256_file
+from custom.errors import InputError
 
 
 def test_btcv_sample_datalist_and_labels(btcv_sample):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from monai.networks.nets import SwinUNETR, UNet
 
-from custom.io import InputError
+from custom.errors import InputError
 from custom.transfer import adapt_input_channels, load_pretrained, main, read_checkpoint
 
 FS = 12  # tiny SwinUNETR: feature_size 12, inputs 32^3

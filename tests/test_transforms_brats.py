@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from custom.io import InputError
+from custom.errors import InputError
 from custom.labels import BRATS_REGIONS
 from custom.transforms import (
     BRATS_PAINT_ORDER,

@@ -11,9 +11,11 @@ Examples::
 
 from __future__ import annotations
 
+import json
+
 import fire
 
-from custom.io import cli_main
+from custom.errors import cli_main
 from custom.solf import batch
 
 
@@ -25,7 +27,7 @@ def _config(min_fraction: float, body: str) -> batch.StageAConfig:
 def features(datalist: str, output_dir: str, workers: int = 0, scheduler: str | None = None, keys=None,
              min_fraction: float = batch.DEFAULT_MIN_FRACTION, body: str = "labels") -> dict:
     """Stage A: per-volume features -> OUTPUT_DIR/features.parquet, errors.csv (resumable)."""
-    return batch.features(datalist, output_dir, workers, scheduler, keys, _config(min_fraction, body))
+    return batch.features(datalist, output_dir, keys, _config(min_fraction, body), workers=workers, scheduler=scheduler)
 
 
 @cli_main
@@ -40,7 +42,7 @@ def fit(output_dir: str, eps: float = batch.cohort.DEFAULT_EPS, action: str = "i
 def apply(datalist: str, output_dir: str, workers: int = 0, scheduler: str | None = None, keys=None,
           min_fraction: float = batch.DEFAULT_MIN_FRACTION) -> dict:
     """Filtered label maps -> OUTPUT_DIR/labels/, and OUTPUT_DIR/datalist.json pointing at them."""
-    return batch.apply(datalist, output_dir, workers, scheduler, keys, _config(min_fraction, "labels"))
+    return batch.apply(datalist, output_dir, keys, _config(min_fraction, "labels"), workers=workers, scheduler=scheduler)
 
 
 @cli_main
@@ -55,8 +57,8 @@ def run(datalist: str, output_dir: str, workers: int = 0, scheduler: str | None 
         use_priors: bool = False, min_fraction: float = batch.DEFAULT_MIN_FRACTION, body: str = "labels",
         plots: bool = True, partial_eps: float = batch.cohort.DEFAULT_PARTIAL_EPS) -> None:
     """Everything: stage A, stage B, filtered labels, report (summary printed as one JSON line)."""
-    batch.run(datalist, output_dir, workers, scheduler, keys, eps, action, min_samples, use_priors, min_fraction, body, plots,
-              float(partial_eps))
+    batch.run(datalist, output_dir, keys, eps, action, min_samples, use_priors, min_fraction, body, plots, float(partial_eps),
+              workers=workers, scheduler=scheduler)
 
 
 @cli_main
@@ -79,5 +81,11 @@ def qc(labels: str, taxonomy: str, output_dir: str, reference: str | None = None
     return qc_folder(labels, taxonomy, output_dir, reference, eps, workers, scheduler, plots)
 
 
+def cli() -> None:
+    """Console entry point and ``python -m custom.solf``: one sub-command, its result printed as one JSON line."""
+    fire.Fire({"run": run, "features": features, "fit": fit, "apply": apply, "report": report, "reference": reference, "qc": qc},
+              serialize=lambda r: None if r is None else json.dumps(r))
+
+
 if __name__ == "__main__":
-    fire.Fire({"run": run, "features": features, "fit": fit, "apply": apply, "report": report, "reference": reference, "qc": qc}, serialize=lambda r: None if r is None else __import__("json").dumps(r))
+    cli()

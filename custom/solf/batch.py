@@ -18,21 +18,22 @@ volumes removed).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from custom.atomic import atomic_path, atomic_write_text, check_writable_dir
+from custom.checks import check_affine, check_label_ids, check_readable
+from custom.errors import InputError
 from custom.labels import IGNORE_LABEL, MAX_LABEL_ID, TO_UKBOB, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, UKBOB_UNUSED_IDS, to_ukbob
 from custom.parallel import Executor
 from custom.solf import cohort
@@ -63,26 +64,7 @@ class StageAConfig:
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-class BadVolume(Exception):
-    """A label file that stage A cannot use; ``str()`` is one line with the problem and the fix."""
-
-
-# ---------------------------------------------------------------- small file helpers (worker side)
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Temporary file beside ``path`` (same suffixes), renamed onto it when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
+# ---------------------------------------------------------------- worker side
 def _stat(path: str) -> list[int]:
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
@@ -95,42 +77,36 @@ def result_path(output_dir: Path, volume: str) -> Path:
 def load_labels(path: str, max_id: int = max(UKBOB_LABELS), unused: frozenset[int] = UKBOB_UNUSED_IDS) -> tuple[np.ndarray, np.ndarray, Any]:
     """Read and validate one label map: ``(integer array (H, W, D), affine, nibabel header)``.
 
-    Raises :class:`BadVolume` for a missing, unreadable, non-3D or non-integer file, ids outside
+    Raises :class:`InputError` for a missing, unreadable, non-3D or non-integer file, ids outside
     the taxonomy (``0..max_id`` without the ``unused`` ids), or a zero/NaN voxel spacing.
     """
     import nibabel as nib
 
     if not os.path.exists(path):
-        raise BadVolume(f"{path}: file not found. Fix: correct the datalist entry")
+        raise InputError(path, "file not found", "correct the datalist entry")
     try:
         img = nib.load(path)
         arr = np.asanyarray(img.dataobj)
     except Exception as exc:  # noqa: BLE001 - every reader failure means the same to the user
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise BadVolume(f"{path}: cannot be read as a label map ({detail}). Fix: re-export the file") from None
+        raise InputError(path, f"cannot be read as a label map ({_first_line(exc)})", "re-export the file") from None
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
     if arr.ndim != 3:
-        raise BadVolume(f"{path}: expected a 3D label map, got shape {arr.shape}. Fix: give one label map per volume")
-    if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.rint(arr)):
-            raise BadVolume(f"{path}: label values are not integers. Fix: save labels with an integer dtype")
-        arr = arr.astype(np.int32)
-    elif arr.dtype.kind not in "iu":
-        raise BadVolume(f"{path}: label dtype {arr.dtype} is not an integer type. Fix: save labels as integers")
+        raise InputError(path, f"expected a 3D label map, got shape {arr.shape}", "give one label map per volume")
     if arr.size == 0:
-        raise BadVolume(f"{path}: the label map has no voxels. Fix: re-export the file")
-    if arr.min() < 0:
-        raise BadVolume(f"{path}: negative label ids. Fix: use ids 0..{max_id}")
-    top = int(arr.max())
-    # one compare per unused id (there are few), not a histogram of the whole volume
-    bad = sorted({i for i in unused if i <= top and (arr == i).any()} | (set(np.unique(arr[arr > max_id]).tolist()) if top > max_id else set()))
-    if bad:
-        raise BadVolume(f"{path}: label ids {bad[:5]} are outside the taxonomy (0..{max_id}). Fix: remap the labels to UKBOB ids or give their --taxonomy")
+        raise InputError(path, "the label map has no voxels", "re-export the file")
+    if arr.dtype.kind not in "iuf":
+        raise InputError(path, f"label dtype {arr.dtype} is not an integer type", "save labels as integers")
+    check_label_ids(arr, set(range(max_id + 1)) - set(unused), path,
+                    fix="remap the labels to UKBOB ids or give their --taxonomy")
     affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise BadVolume(f"{path}: the voxel-to-mm matrix is degenerate (zero or NaN spacing). Fix: repair the header's pixdim/sform")
-    return arr, affine, img.header
+    check_affine(affine, path)
+    return (arr.astype(np.int32) if arr.dtype.kind == "f" else arr), affine, img.header
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of a reader's error (at most 120 characters), for a one-line message."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
 
 
 def stage_a_volume(item: Item, output_dir: str, config: StageAConfig) -> dict[str, Any]:
@@ -149,22 +125,21 @@ def stage_a_volume(item: Item, output_dir: str, config: StageAConfig) -> dict[st
             try:
                 image = np.asanyarray(nib.load(item.image).dataobj).astype(np.float32)
             except Exception as exc:  # noqa: BLE001 - every reader failure means the same to the user
-                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-                raise BadVolume(f"{item.image}: cannot be read as an image ({detail}). Fix: re-export the file") from None
+                raise InputError(item.image, f"cannot be read as an image ({_first_line(exc)})", "re-export the file") from None
             image = np.moveaxis(image, -1, 0) if image.ndim == 4 else image
             if image.shape[-3:] != labels.shape:
-                raise BadVolume(f"{item.label}: the label grid {labels.shape} differs from its image's {image.shape[-3:]}. "
-                                "Fix: resample the label onto its image (nearest neighbour) or pair the right files")
+                raise InputError(item.label, f"the label grid {labels.shape} differs from its image's {image.shape[-3:]}",
+                                 "resample the label onto its image (nearest neighbour) or pair the right files")
         _, rows = volume_features(
             labels, affine, image, UKBOB_LABELS, UKBOB_COMPONENT_RANGES, config.min_fraction, config.clean, copy=False
         )
-    except BadVolume as exc:
+    except InputError as exc:
         return {"volume": item.volume, "label": item.label, "error": str(exc)}
     result = {
         "volume": item.volume, "label": item.label, "fingerprint": config.fingerprint(), "stat": _stat(item.label),
         "rows": [{"volume": item.volume, **asdict(r)} for r in rows],
     }
-    with _atomic(out) as tmp:
+    with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(result))
     return result
 
@@ -190,7 +165,7 @@ def apply_volume(item: Item, output_dir: str, config: StageAConfig, ignore_value
     target = Path(output_dir) / "labels" / filtered_name(item.volume)
     try:
         labels, affine, header = load_labels(item.label)
-    except BadVolume as exc:
+    except InputError as exc:
         return {"volume": item.volume, "label": item.label, "error": str(exc)}
     if config.clean:
         labels, _ = clean_components(labels, UKBOB_COMPONENT_RANGES, config.min_fraction)
@@ -198,7 +173,7 @@ def apply_volume(item: Item, output_dir: str, config: StageAConfig, ignore_value
     header = header.copy()
     header.set_data_dtype(out.dtype)
     header["scl_slope"], header["scl_inter"] = 1, 0
-    with _atomic(target) as tmp:
+    with atomic_path(target) as tmp:
         nib.save(nib.Nifti1Image(out, affine, header), str(tmp))
     return {"volume": item.volume, "path": str(target)}
 
@@ -244,8 +219,6 @@ def read_datalist(datalist: str | Path, keys: Sequence[str] | str | None = None)
 
     ``keys``: the lists to read (default every top-level list whose entries have a ``label``).
     """
-    from custom.io import InputError, check_readable
-
     path = check_readable(datalist)
     try:
         data = json.loads(Path(path).read_text())
@@ -273,16 +246,15 @@ def read_datalist(datalist: str | Path, keys: Sequence[str] | str | None = None)
 
 # ---------------------------------------------------------------- the steps
 def features(
-    datalist: str | Path,
-    output_dir: str | Path,
-    workers: int = 0,
-    scheduler: str | None = None,
-    keys: Sequence[str] | str | None = None,
-    config: StageAConfig = StageAConfig(),
+    datalist: str | Path, output_dir: str | Path, keys: Sequence[str] | str | None = None,
+    config: StageAConfig = StageAConfig(), **executor: Any,
 ) -> dict[str, Any]:
-    """Stage A over a datalist: ``features.parquet`` and ``errors.csv`` (resumes from ``stage_a/``)."""
-    from custom.io import InputError, atomic_path, atomic_write_text, check_writable_dir
+    """Stage A over a datalist: ``features.parquet`` and ``errors.csv`` (resumes from ``stage_a/``).
 
+    ``keys``: the datalist's lists to read (:func:`read_datalist`). ``executor``: where the volumes are
+    computed, :class:`custom.parallel.Executor`'s ``workers`` (local processes, 0: one per core) or
+    ``scheduler`` (a Dask address); the same for :func:`apply` and :func:`run`.
+    """
     if config.taxonomy not in TO_UKBOB:
         raise InputError(None, f"unknown taxonomy {config.taxonomy!r}", f"use one of {', '.join(sorted(TO_UKBOB))}")
     out = check_writable_dir(output_dir)
@@ -294,7 +266,7 @@ def features(
         (done.append(res) if res else todo.append(item))
     print(f"stage A: {len(items)} volumes, {len(done)} already done, {len(todo)} to compute", file=sys.stderr, flush=True)
     t0 = time.time()
-    with Executor(workers, scheduler) as ex:
+    with Executor(**executor) as ex:
         results, errors = _map(ex, stage_a_volume, todo, (str(out), config), "SOLF stage A")
     rows = [row for res in done + results for row in res["rows"]]
     table = pd.DataFrame(rows)
@@ -328,8 +300,6 @@ def fit(
     it holds whole organs only, so partial masks are not judged). ``partial_eps``: the band for partial
     masks among the partial masks of their organ (:func:`cohort.fit`; ``inf``: never judged).
     """
-    from custom.io import atomic_write_text
-
     out = Path(output_dir)
     table = pd.read_parquet(out / "features.parquet")
     if table.empty:
@@ -349,21 +319,14 @@ def fit(
 
 
 def apply(
-    datalist: str | Path,
-    output_dir: str | Path,
-    workers: int = 0,
-    scheduler: str | None = None,
-    keys: Sequence[str] | str | None = None,
-    config: StageAConfig = StageAConfig(),
-    ignore_value: int = IGNORE_LABEL,
+    datalist: str | Path, output_dir: str | Path, keys: Sequence[str] | str | None = None,
+    config: StageAConfig = StageAConfig(), ignore_value: int = IGNORE_LABEL, **executor: Any,
 ) -> dict[str, Any]:
     """Write filtered label maps under ``labels/`` and ``datalist.json`` pointing at them.
 
     Volumes dropped by the ``drop`` action are left out of ``datalist.json``; volumes listed in
     ``errors.csv`` too. A filtered file newer than ``decisions.csv`` is not rewritten (resume).
     """
-    from custom.io import atomic_write_text
-
     out = Path(output_dir)
     dec = pd.read_csv(out / "decisions.csv")
     actions = cohort.organ_actions(dec)
@@ -373,7 +336,7 @@ def apply(
     stamp = (out / "decisions.csv").stat().st_mtime_ns
     todo = [i for i in items if not _newer(out / "labels" / filtered_name(i.volume), stamp)]
     print(f"apply: {len(items)} volumes, {len(items) - len(todo)} already written", file=sys.stderr, flush=True)
-    with Executor(workers, scheduler) as ex:
+    with Executor(**executor) as ex:
         results, errors = _map(ex, apply_volume, todo, (str(out), config, ignore_value), "SOLF apply",
                                lambda item: (actions.get(item.volume, {}),))
     _write_datalist(datalist, out, keys, known - dropped - {e["volume"] for e in errors})
@@ -389,8 +352,6 @@ def _newer(path: Path, stamp: int) -> bool:
 
 
 def _write_datalist(datalist: str | Path, out: Path, keys: Sequence[str] | str | None, keep: set[str]) -> None:
-    from custom.io import atomic_write_text
-
     data = json.loads(Path(datalist).read_text())
     base = Path(datalist).resolve().parent
     keys = [keys] if isinstance(keys, str) else keys
@@ -416,8 +377,6 @@ def _write_datalist(datalist: str | Path, out: Path, keys: Sequence[str] | str |
 
 def report(output_dir: str | Path, plots: bool = True) -> dict[str, Any]:
     """``summary.json`` and one PNG per organ (feature histograms with the thresholds); returns the summary."""
-    from custom.io import atomic_path, atomic_write_text
-
     out = Path(output_dir)
     dec = pd.read_csv(out / "decisions.csv")
     thr = pd.read_csv(out / "thresholds.csv")
@@ -442,8 +401,6 @@ def _plot_organs(dec: pd.DataFrame, thr: pd.DataFrame, folder: Path) -> None:
     """One PNG per organ: histograms of the three features, kept vs rejected, dashed thresholds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from custom.io import atomic_path
 
     folder.mkdir(exist_ok=True)
     thr = thr[~cohort.partial_flags(thr)].set_index("organ_id")  # dashed lines: the whole masks' band
@@ -472,8 +429,6 @@ def _plot_organs(dec: pd.DataFrame, thr: pd.DataFrame, folder: Path) -> None:
 def run(
     datalist: str | Path,
     output_dir: str | Path,
-    workers: int = 0,
-    scheduler: str | None = None,
     keys: Sequence[str] | str | None = None,
     eps: float = cohort.DEFAULT_EPS,
     action: str = "ignore",
@@ -483,12 +438,15 @@ def run(
     body: str = "labels",
     plots: bool = True,
     partial_eps: float = cohort.DEFAULT_PARTIAL_EPS,
+    **executor: Any,
 ) -> dict[str, Any]:
-    """All of SOLF: stage A, stage B, filtered labels, report. Returns the summary (also printed)."""
+    """All of SOLF: stage A, stage B, filtered labels, report. Returns the summary (also printed).
+
+    ``executor``: ``workers`` / ``scheduler`` as for :func:`features`."""
     config = StageAConfig(min_fraction=min_fraction, body=body)
-    stage_a = features(datalist, output_dir, workers, scheduler, keys, config)
+    stage_a = features(datalist, output_dir, keys, config, **executor)
     fit(output_dir, eps, action, min_samples, use_priors=use_priors, partial_eps=partial_eps)
-    applied = apply(datalist, output_dir, workers, scheduler, keys, config)
+    applied = apply(datalist, output_dir, keys, config, **executor)
     summary = {"stage_a": stage_a, "apply": applied, **report(output_dir, plots)}
     print(json.dumps(summary), flush=True)
     return summary

@@ -19,6 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from custom.checks import check_label_ids
 from custom.labels import UKBOB_COMPONENT_RANGES, UKBOB_LABELS, ComponentRange
 from custom.solf import kernels
 
@@ -45,34 +46,6 @@ def voxel_spacing(affine: np.ndarray | None) -> np.ndarray:
 def voxel_volume_ml(affine: np.ndarray | None) -> float:
     """Volume of one voxel in mL (|det| of the affine's 3x3 part, mm^3, / 1000)."""
     return abs(float(np.linalg.det(voxel_matrix(affine)))) / 1000.0
-
-
-def check_label_ids(
-    labels: np.ndarray, known_ids: Iterable[int], path: str | None = None, present: np.ndarray | None = None
-) -> None:
-    """Raise :class:`~custom.io.InputError` when ``labels`` holds an id outside ``known_ids``.
-
-    Negative or huge ids are bad input (a huge id would also make per-id tables huge): reported as
-    one line naming the first few. ``present``: the non-zero ids known to occur (e.g. the labels of
-    the connected components), which saves every scan of the volume.
-    """
-    known = np.asarray(sorted(set(int(i) for i in known_ids)), dtype=np.int64)
-    if labels.size == 0:
-        return
-    if present is None:
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi > known[-1]:
-            present = np.unique(labels)
-        else:
-            present = np.flatnonzero(np.bincount(labels.ravel().astype(np.int64), minlength=hi + 1))
-    bad = np.setdiff1d(present, known)
-    if bad.size:
-        from custom.io import InputError  # imported here: workers of the batch runner stay free of MONAI
-
-        raise InputError(
-            path, f"label id(s) {bad[:5].tolist()} are outside the taxonomy ({known.size} known ids, {known[0]}..{known[-1]})",
-            "remap the labels to the bundle's ids (custom.labels.remap_labels)",
-        )
 
 
 def _compact(labels: np.ndarray, hi: int | None = None) -> np.ndarray:
@@ -348,7 +321,7 @@ def volume_features(
         ``(cleaned label map, one OrganFeatures per organ present, sorted by id)``.
 
     Raises:
-        :class:`~custom.io.InputError`: an id of ``labels`` is not a key of ``organ_names``.
+        :class:`~custom.errors.InputError`: an id of ``labels`` is not a key of ``organ_names``.
     """
     labels = np.asarray(labels)
     if labels.ndim == 4 and labels.shape[0] == 1:

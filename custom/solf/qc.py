@@ -26,6 +26,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from custom.atomic import atomic_path, atomic_write_text, check_writable_dir
+from custom.checks import check_readable
+from custom.errors import InputError
 from custom.labels import TO_UKBOB, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, expected_components, to_ukbob
 from custom.solf import cohort
 from custom.solf.features import BORDER_MARGIN, DEFAULT_MIN_FRACTION, FEATURES, volume_features
@@ -74,8 +77,6 @@ def scan_qc(
         ``partial_too_large``, ``components``, ``expected_components`` ``[min, max]``, ``components_ok``, ``verdict``.
     """
     taxonomy = taxonomy or reference.taxonomy
-    if taxonomy not in TO_UKBOB or taxonomy != reference.taxonomy:
-        from custom.io import InputError  # only here: QC itself needs no MONAI
     if taxonomy not in TO_UKBOB:
         raise InputError(None, f"unknown taxonomy {taxonomy!r}", f"use one of {', '.join(sorted(TO_UKBOB))}")
     if taxonomy != reference.taxonomy:
@@ -151,7 +152,6 @@ def save_qc_png(path: str | Path, qc: Mapping[str, Any], labels: np.ndarray, ima
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from custom.io import atomic_path
     from custom.visualize import label_colors, pick_slice, render_slice, to_display_volume
 
     lab = to_display_volume(np.asarray(labels).reshape(np.shape(labels)[-3:]), affine, is_label=True)
@@ -194,8 +194,6 @@ def write_case(output: str | Path, labels: np.ndarray, affine: np.ndarray | None
                image: np.ndarray | None = None, taxonomy: str | None = None, eps: float = cohort.DEFAULT_EPS,
                png: bool = True, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """:func:`scan_qc` of one case, written as ``<output stem>_qc.json`` (+ ``_qc.png``); returns the QC dict."""
-    from custom.io import atomic_write_text
-
     qc = scan_qc(labels, affine, reference, taxonomy, eps)
     qc.update(extra or {})
     json_path, png_path = qc_paths(output)
@@ -229,7 +227,6 @@ def qc_folder(labels_dir: str | Path, taxonomy: str, output_dir: str | Path, ref
     (``features.parquet``, ``thresholds.csv``, ``decisions.csv``, ``errors.csv``, ``summary.json``,
     ``plots/``) plus the ``datalist.json`` it made from the folder. Returns the summary.
     """
-    from custom.io import InputError, atomic_write_text, check_readable, check_writable_dir
     from custom.solf import batch
     from custom.solf.reference import load
 
@@ -245,7 +242,7 @@ def qc_folder(labels_dir: str | Path, taxonomy: str, output_dir: str | Path, ref
     out = check_writable_dir(output_dir)
     datalist = out / "datalist_in.json"
     atomic_write_text(datalist, json.dumps({"name": f"qc of {folder}", "training": [{"label": str(p)} for p in files]}, indent=1))
-    stage_a = batch.features(datalist, out, workers, scheduler, None, batch.StageAConfig(taxonomy=taxonomy))
+    stage_a = batch.features(datalist, out, None, batch.StageAConfig(taxonomy=taxonomy), workers=workers, scheduler=scheduler)
     batch.fit(out, eps, reference=ref)
     summary = {"stage_a": stage_a, "taxonomy": taxonomy, "reference": str(reference) if reference else None, **batch.report(out, plots)}
     return summary

@@ -24,6 +24,9 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from custom.atomic import atomic_write_text, check_writable_dir
+from custom.checks import check_readable
+from custom.errors import InputError
 from custom.labels import TO_UKBOB
 from custom.solf import cohort
 from custom.solf.features import BORDER_MARGIN, FEATURES
@@ -122,8 +125,6 @@ def build(features: pd.DataFrame, taxonomy: str, provenance: Mapping[str, Any] |
 
 def save(reference: CohortReference, path: str | Path) -> Path:
     """Write ``reference`` as indented JSON, atomically."""
-    from custom.io import atomic_write_text
-
     return atomic_write_text(path, json.dumps(reference.to_json(), indent=1) + "\n")
 
 
@@ -131,11 +132,9 @@ def load(path: str | Path, taxonomy: str | None = None) -> CohortReference:
     """Read a reference file; with ``taxonomy``, refuse one built from another label taxonomy.
 
     Raises:
-        :class:`custom.io.InputError`: not a reference file, another format version, or another
+        :class:`custom.errors.InputError`: not a reference file, another format version, or another
         taxonomy (its normalised volumes are not comparable: the body is the union of other labels).
     """
-    from custom.io import InputError, check_readable
-
     path = check_readable(path)
     try:
         data = json.loads(Path(path).read_text())
@@ -168,7 +167,6 @@ def build_from_datalist(datalist: str | Path, output: str | Path, taxonomy: str 
     import shutil
     import tempfile
 
-    from custom.io import check_writable_dir
     from custom.solf import batch
 
     output = Path(output)
@@ -177,7 +175,7 @@ def build_from_datalist(datalist: str | Path, output: str | Path, taxonomy: str 
     try:
         work = Path(work_dir or tmp)
         config = batch.StageAConfig(taxonomy=taxonomy)
-        stats = batch.features(datalist, work, workers, scheduler, keys, config)
+        stats = batch.features(datalist, work, keys, config, workers=workers, scheduler=scheduler)
         table = pd.read_parquet(work / "features.parquet")
         prov = {"datalist": Path(datalist).name, "keys": keys, "volumes_failed": stats["errors"],
                 "stage_a": {"min_fraction": config.min_fraction, "body": config.body, "version": batch.STAGE_A_VERSION}}

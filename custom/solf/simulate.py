@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from custom.atomic import atomic_path, atomic_write_text
 from custom.labels import UKBOB_COMPONENT_RANGES, UKBOB_LR_PAIRS, UKBOB_LUNG_LOBE_IDS
 
 ERROR_KINDS = ("spill", "truncated", "merged", "lr_swap", "missing", "over", "under")
@@ -170,8 +171,6 @@ def write_cohort(base_file: str | Path, folder: str | Path, n: int, error_rate: 
     import json
 
     import nibabel as nib
-
-    from custom.io import atomic_path, atomic_write_text
 
     base_img = nib.load(str(base_file))
     base = np.asarray(base_img.dataobj).astype(np.uint8)

@@ -25,10 +25,13 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 
-from custom.io import InputError
+from custom.atomic import atomic_write_text
+from custom.checks import case_name, check_label_ids, source_name
+from custom.errors import InputError
 from custom.labels import IGNORE_LABEL, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, ComponentRange
 from custom.solf.cohort import apply_actions, organ_actions
-from custom.solf.features import DEFAULT_MIN_FRACTION, OrganFeatures, check_label_ids, clean_components, volume_features
+from custom.solf.features import DEFAULT_MIN_FRACTION, OrganFeatures, clean_components, volume_features
+from custom.transforms import ArrayTwind
 
 
 def _as_numpy_3d(label: Any) -> np.ndarray:
@@ -49,11 +52,6 @@ def _affine(label: Any, affine: np.ndarray | None) -> np.ndarray | None:
     return None
 
 
-def _source(label: Any) -> str | None:
-    name = label.meta.get("filename_or_obj") if isinstance(label, MetaTensor) else None
-    return str(name) if name else None
-
-
 def _back(arr: np.ndarray, like: Any) -> Any:
     out, *_ = convert_to_dst_type(arr[None], like, dtype=like.dtype if hasattr(like, "dtype") else None)
     return out
@@ -63,7 +61,7 @@ class OrganComponentFilter(Transform):
     """Keep each organ's largest components, as many as its expected range allows (SOLF stage A.1).
 
     Input: integer label map ``(1, H, W, D)``. Output: the same shape and type, stray fragments set to 0.
-    Raises :class:`~custom.io.InputError` for an id that is neither in ``ranges``, 0 nor ``ignore_value``.
+    Raises :class:`~custom.errors.InputError` for an id that is neither in ``ranges``, 0 nor ``ignore_value``.
     """
 
     def __init__(
@@ -77,12 +75,12 @@ class OrganComponentFilter(Transform):
 
     def __call__(self, label: Any) -> Any:
         arr = _as_numpy_3d(label)
-        check_label_ids(arr, self.known_ids, _source(label))
+        check_label_ids(arr, self.known_ids, source_name(label))
         cleaned, _ = clean_components(arr, self.ranges, self.min_fraction)
         return _back(cleaned, label)
 
 
-class OrganComponentFilterd(MapTransform):
+class OrganComponentFilterd(ArrayTwind):
     """Dictionary version of :class:`OrganComponentFilter`."""
 
     def __init__(
@@ -93,13 +91,7 @@ class OrganComponentFilterd(MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.filter = OrganComponentFilter(ranges, min_fraction)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.filter(d[key])
-        return d
+        self.transform = OrganComponentFilter(ranges, min_fraction)
 
 
 class SOLFFeatures(Transform):
@@ -108,7 +100,7 @@ class SOLFFeatures(Transform):
     Input: label map ``(1, H, W, D)`` (spacing from its MetaTensor affine) and optionally the image
     ``(C, H, W, D)`` for the body volume. Output: one record per organ present (volumes in mL, areas
     in mm^2), measured after component cleaning (``clean=False`` measures the raw masks).
-    Raises :class:`~custom.io.InputError` for an id that is not a key of ``organ_names``.
+    Raises :class:`~custom.errors.InputError` for an id that is not a key of ``organ_names``.
     """
 
     def __init__(
@@ -125,7 +117,7 @@ class SOLFFeatures(Transform):
         if image is not None:
             img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
         arr = _as_numpy_3d(label)
-        check_label_ids(arr, self.organ_names, _source(label))
+        check_label_ids(arr, self.organ_names, source_name(label))
         _, rows = volume_features(arr, _affine(label, affine), img, self.organ_names, self.ranges, self.min_fraction, self.clean)
         return rows
 
@@ -187,7 +179,7 @@ class ApplySOLFDecision(Transform):
     Input: label map ``(1, H, W, D)`` whose MetaTensor ``filename_or_obj`` (or ``filename=``) names the
     volume. Output: the same, with each rejected organ set to ``ignore_value`` (action ``ignore``)
     or 0 (``background``). A volume missing from the table raises :class:`UnknownVolumeError` (a
-    ``KeyError`` and an :class:`~custom.io.InputError`) unless
+    ``KeyError`` and an :class:`~custom.errors.InputError`) unless
     ``allow_unknown=True`` (then it passes unchanged).
     """
 
@@ -197,7 +189,7 @@ class ApplySOLFDecision(Transform):
 
     def __call__(self, label: Any, filename: str | None = None) -> Any:
         if filename is None and isinstance(label, MetaTensor):
-            filename = label.meta.get("filename_or_obj")
+            filename = source_name(label)
         actions = self.table.lookup(str(filename)) if filename is not None else None
         if actions is None:
             if self.allow_unknown:
@@ -208,7 +200,7 @@ class ApplySOLFDecision(Transform):
         return _back(apply_actions(_as_numpy_3d(label), actions, self.ignore_value).astype(np.int32), label)
 
 
-class ApplySOLFDecisiond(MapTransform):
+class ApplySOLFDecisiond(ArrayTwind):
     """Dictionary version of :class:`ApplySOLFDecision` (the label's file name comes from its metadata)."""
 
     def __init__(
@@ -220,13 +212,7 @@ class ApplySOLFDecisiond(MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.apply = ApplySOLFDecision(decisions, ignore_value, allow_unknown)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.apply(d[key])
-        return d
+        self.transform = ApplySOLFDecision(decisions, ignore_value, allow_unknown)
 
 
 class SOLFQC(Transform):
@@ -280,10 +266,7 @@ class SOLFQCd(MapTransform):
             result = self.qc(label)
             d[self.qc_key] = result
             if self.output_dir is not None:
-                from custom.io import atomic_write_text
-                from custom.visualize import _case_name
-
-                name = _case_name(getattr(label, "meta", None), "case")
+                name = case_name(source_name(label) or "case")
                 json_path, png_path = qc_paths(self.output_dir / f"{name}.nii.gz")
                 atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
                 image = d.get(self.image_key) if self.image_key else None

@@ -73,7 +73,7 @@ class InferClass:
                     separate_folder=False,
                     print_log=False,
                     savepath_in_metadict=True,
-                    writer="custom.io.AtomicNibabelWriter" if _has_custom() else None,
+                    writer="custom.transforms.AtomicNibabelWriter" if _has_custom() else None,
                 ),
             ]
         )
@@ -108,7 +108,7 @@ class InferClass:
 
 def _has_custom() -> bool:
     try:
-        import custom.io  # noqa: F401
+        import custom.transforms  # noqa: F401
     except ImportError:
         return False
     return True

@@ -41,8 +41,8 @@ from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import set_determinism
 
 try:  # checkpoints and progress.yaml written to a temporary file, then renamed (no half-written file)
-    from custom.io import AtomicCheckpointSaver as CheckpointSaver
-    from custom.io import atomic_write_text
+    from custom.handlers import AtomicCheckpointSaver as CheckpointSaver
+    from custom.atomic import atomic_write_text
 except ImportError:  # the template copied without the custom package
     from monai.handlers import CheckpointSaver
 

@@ -56,7 +56,7 @@ def run(config_file: str | Sequence[str] | None = None, **override: Any) -> floa
     out = Path(parser.get_parsed_content("ckpt_path")) / "validation.yaml"
     text = yaml.safe_dump({"mean_dice": round(overall, 4), "cases": cases}, sort_keys=False)
     try:
-        from custom.io import atomic_write_text  # temporary file, then rename
+        from custom.atomic import atomic_write_text  # temporary file, then rename
 
         atomic_write_text(out, text)
     except ImportError:  # the template copied without the custom package

@@ -1,4 +1,4 @@
-"""custom.io: one-line input errors, atomic writes, image checks."""
+"""custom.errors, custom.atomic, custom.checks (and their MONAI wrappers): one-line input errors, atomic writes, image checks."""
 
 import gzip
 import os
@@ -11,17 +11,10 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from custom.io import (
-    AtomicNibabelWriter,
-    CheckImaged,
-    InputError,
-    atomic_path,
-    atomic_write_text,
-    check_image,
-    exit_on_input_error,
-    find_input_error,
-    load_image_checked,
-)
+from custom.atomic import atomic_path, atomic_write_text
+from custom.checks import check_image
+from custom.errors import InputError, exit_on_input_error, find_input_error
+from custom.transforms import AtomicNibabelWriter, CheckImaged, load_image_checked
 
 
 def test_input_error_is_one_line_with_file_problem_fix(tmp_path):
@@ -72,7 +65,7 @@ def test_atomic_write_survives_a_killed_process(tmp_path):
     atomic_write_text(target, "old complete content")
     code = (
         "import os, signal, sys\n"
-        "from custom.io import atomic_path\n"
+        "from custom.atomic import atomic_path\n"
         f"with atomic_path({str(target)!r}) as tmp:\n"
         "    with open(tmp, 'wb') as f:\n"
         "        f.write(b'x' * 1_000_000); f.flush()\n"
@@ -139,7 +132,7 @@ def test_load_image_checked_reads_real_ct(btcv_sample):
 
 
 def test_parse_overrides_reads_yaml_values_and_refuses_malformed_items():
-    from custom.io import parse_overrides
+    from custom.errors import parse_overrides
 
     assert parse_overrides(["feature_size=12", "roi_size=[64, 64, 64]", "use_etta=true"]) == {
         "feature_size": 12, "roi_size": [64, 64, 64], "use_etta": True}
