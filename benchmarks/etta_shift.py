@@ -2,8 +2,8 @@
 
 1. **Source model**: ``--model PATH``, else the cached one under ``$SWIN_BOB_DATA/etta_bench/``, trained on
    first use with the demo's CPU recipe (:func:`custom.demo.train_small`: the BTCV bundle's ``train.json``
-   with :data:`custom.demo.SMALL`) for ``--train_iterations`` on the sample CT (one patient; 800 iterations
-   take about 30 min on 2 CPU cores).
+   with :data:`custom.demo.SMALL`) for ``--train_iterations`` (default 600, about 25 min on 2 CPU cores) on
+   the sample CT (one patient).
 2. **Gate**: plain sliding-window inference on the clean held-out CT (``validation`` of btcv_sample, the
    other patient). Below a mean Dice of ``--gate`` over liver, spleen and stomach the benchmark prints
    ``"evaluable": false`` and no gain figure: ETTA cannot be judged on a model that predicts noise.
@@ -26,7 +26,7 @@ labelled patient besides the training one, so the sweep (``--sweep``) and the ev
 patient: ``--sweep`` runs on the strongest severity of each shift (seed 0: 7 cases, with clean and MR), the
 final evaluation on every severity and all three seeds (23 cases).
 
-    python benchmarks/etta_shift.py [--model PATH] [--train_iterations 800] [--arms plain,etta,sham,flip_tta]
+    python benchmarks/etta_shift.py [--model PATH] [--train_iterations 600] [--arms plain,etta,sham,flip_tta]
         [--optimizer adam --lr 1e-3 --steps 3 --params norm --margin 0.4 --balance --tau 0.01 --w0_floor 0.5]
     python benchmarks/etta_shift.py --sweep        # the settings of SWEEP, summary lines only
 """
@@ -230,7 +230,7 @@ SWEEP: list[dict[str, Any]] = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a BTCV checkpoint of the demo's network (default: train / reuse the cached one)")
-    ap.add_argument("--train_iterations", type=int, default=800)
+    ap.add_argument("--train_iterations", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gate", type=float, default=0.7, help="minimum clean mean Dice over liver, spleen, stomach")
     ap.add_argument("--arms", default="plain,etta,sham,flip_tta")

@@ -5,8 +5,8 @@ Steps (each a small function of the shared :class:`Demo` state, run in the order
 1. ``data``: the checksummed sample data (``custom.sample_data``; the Makefile already built it).
 2. ``train``: ``bundles/swin_bob_btcv/configs/train.json`` through ``monai.bundle.ConfigWorkflow``,
    from scratch, with the CPU recipe (:data:`SMALL`, :data:`TRAIN_SMALL`: feature size 12, 6 x 6 x 3 mm
-   voxels, 64 x 64 x 32 crops that span the abdomen's cross-section, AdamW lr 3e-3) for a bounded time
-   (ignite ``TimeLimit``); the final weights are saved by a MONAI ``CheckpointSaver``.
+   voxels, 64 x 64 x 32 crops that span the abdomen's cross-section, AdamW lr 3e-3 with the bundle's cosine
+   schedule over the iteration budget); the final weights are saved by a MONAI ``CheckpointSaver``.
 3. ``infer``: ``inference.json`` on the held-out CT (``ct_dicom``, another patient) -> label NIfTI
    in the input's space.
 4. ``overlay``: PNG of image / reference / prediction (``custom.visualize``).
@@ -15,12 +15,13 @@ Steps (each a small function of the shared :class:`Demo` state, run in the order
 7. ``shift``: the held-out CT under a contrast shift (``custom.etta.shifts``), segmented plain, with flip
    TTA (``--use_tta true``) and with ETTA (``--use_etta true``): Dice per organ for each.
 
-Usage: ``python -m custom.demo [--minutes 6] [--out demo_output]``.
+Usage: ``python -m custom.demo [--iterations 200] [--out demo_output]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,9 @@ BUNDLE = REPO / "bundles" / "swin_bob_btcv"
 CONFIGS = BUNDLE / "configs"
 #: the demo's network and sampling: small enough for a 2-core CPU, same pipeline as the bundle
 SMALL = {"feature_size": 12, "roi_size": [64, 64, 32], "pixdim": [6.0, 6.0, 3.0], "num_workers": 0, "sw_batch_size": 2}
-#: the CPU training recipe on top of SMALL: one crop per step, 30x the bundle's rate (minutes, not days), no validation
-TRAIN_SMALL = {"learning_rate": 3e-3, "num_samples": 1, "epochs": 10**6, "warmup_epochs": 1, "val_interval": 10**9, "ckpt_interval": 10**9}
+#: the CPU training recipe on top of SMALL: one crop per step, 30x the bundle's rate (minutes, not days), no validation;
+#: ``epochs`` is set by :func:`train_small` from its iteration budget
+TRAIN_SMALL = {"learning_rate": 3e-3, "num_samples": 1, "warmup_epochs": 5, "val_interval": 10**9, "ckpt_interval": 10**9}
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Demo:
     """What the steps share: settings in, paths and results out."""
 
     out: Path
-    minutes: float = 5.0
+    iterations: int = 200
     dataset_dir: Path | None = None
     ckpt_dir: Path | None = None
     held_out: dict[str, str] = field(default_factory=dict)
@@ -67,56 +69,57 @@ def step_data(demo: Demo) -> None:
     _say(f"data: {demo.dataset_dir} ({len(datalist['training'])} training CTs, held-out {Path(case['image']).name})")
 
 
-def train_small(
-    ckpt: Path, minutes: float | None = None, iterations: int | None = None, seed: int = 0, progress_every: int = 20, dataset_dir: Path | None = None
-) -> dict[str, float]:
-    """Train the BTCV bundle's ``train.json`` with the CPU recipe (:data:`SMALL` + :data:`TRAIN_SMALL`).
+def train_small(ckpt: Path, iterations: int, seed: int = 0, progress_every: int = 20, dataset_dir: Path | None = None) -> dict[str, float]:
+    """Train the BTCV bundle's ``train.json`` with the CPU recipe (:data:`SMALL` + :data:`TRAIN_SMALL`) for ``iterations``.
 
-    Stops after ``minutes`` (a time budget: the result depends on the machine) or ``iterations``
-    (reproducible), whichever comes first; at least one of them must be given.
-
-    From scratch on the sample training CT (``dataset_dir``, default btcv_sample); the final network is
-    written atomically to ``ckpt`` as ``{"model": state_dict}`` (MONAI ``CheckpointSaver``). Prints one
-    progress line every ``progress_every`` iterations. Returns ``{"iterations", "minutes"}``.
+    From scratch on the sample training CT (``dataset_dir``, default btcv_sample), one crop per
+    iteration, the bundle's warm-up + cosine schedule stretched over exactly ``iterations`` (so the rate
+    has decayed when training stops); the final network is written atomically to ``ckpt`` as
+    ``{"model": state_dict}`` (MONAI ``CheckpointSaver``). One progress line every ``progress_every``
+    iterations. Returns ``{"iterations", "minutes"}``.
     """
+    import json
+    import math
+
     import torch
     from ignite.engine import Events
-    from ignite.handlers import TimeLimit
     from monai.bundle import ConfigWorkflow
     from monai.utils import set_determinism
 
-    from custom.io import AtomicCheckpointSaver
+    from custom.handlers import AtomicCheckpointSaver
     from custom.sample_data import prepare
 
     set_determinism(seed)
-    dataset_dir = dataset_dir or prepare("btcv_sample")
+    dataset_dir = Path(dataset_dir or prepare("btcv_sample"))
+    n_train = len(json.loads((dataset_dir / "dataset.json").read_text())["training"])  # iterations per epoch (batch 1)
     ckpt = Path(ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     wf = ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"), workflow_type="train", logging_file=False, bundle_root=str(BUNDLE),
-        dataset_dir=str(dataset_dir), ckpt_dir=str(ckpt.parent), output_dir=str(ckpt.parent / "train_logs"), **TRAIN_SMALL, **SMALL,
+        dataset_dir=str(dataset_dir), ckpt_dir=str(ckpt.parent), output_dir=str(ckpt.parent / "train_logs"),
+        epochs=math.ceil(iterations / n_train), **TRAIN_SMALL, **SMALL,
     )
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
     network = wf.parser.get_parsed_content("network")
-    if minutes is None and iterations is None:
-        raise ValueError("train_small needs minutes or iterations")
-    if minutes is not None:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=int(minutes * 60)))
-    if iterations is not None:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iterations), lambda engine: engine.terminate())
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iterations), lambda engine: engine.terminate())
     start = time.time()
-    budget = f"{minutes:g} min" if iterations is None else f"{iterations} iterations"
 
     @trainer.on(Events.ITERATION_COMPLETED(every=max(1, progress_every)))
     def _progress(engine) -> None:
         loss = engine.state.output[0]["loss"] if isinstance(engine.state.output, list) else engine.state.output["loss"]
-        _say(f"train: iteration {engine.state.iteration:4d} of {budget}, {(time.time() - start) / 60:4.1f} min, loss {float(loss):.3f}")
+        _say(f"train: iteration {engine.state.iteration:4d} of {iterations}, {(time.time() - start) / 60:4.1f} min, loss {float(loss):.3f}")
 
     AtomicCheckpointSaver(save_dir=str(ckpt.parent), save_dict={"model": network}, save_final=True, final_filename=ckpt.name).attach(trainer)
     torch.manual_seed(seed)
-    wf.run()
-    wf.finalize()
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.WARNING)  # the bundle's per-iteration StatsHandler lines: _progress says enough
+    try:
+        wf.run()
+        wf.finalize()
+    finally:
+        root_logger.setLevel(level)
     return {"iterations": trainer.state.iteration, "minutes": (time.time() - start) / 60}
 
 
@@ -135,10 +138,10 @@ def load_small(ckpt: Path) -> "torch.nn.Module":
 
 def step_train(demo: Demo) -> None:
     demo.ckpt_dir = demo.out / "models"
-    _say(f"train: SwinUNETR (feature size {SMALL['feature_size']}) from scratch on the sample CT for {demo.minutes:g} min on CPU "
+    _say(f"train: SwinUNETR (feature size {SMALL['feature_size']}) from scratch on the sample CT, {demo.iterations} iterations "
          f"({SMALL['pixdim'][0]:g} x {SMALL['pixdim'][1]:g} x {SMALL['pixdim'][2]:g} mm voxels, {'x'.join(map(str, SMALL['roi_size']))} crops, "
          f"AdamW lr {TRAIN_SMALL['learning_rate']:g})")
-    done = train_small(demo.ckpt_dir / "model.pt", demo.minutes, dataset_dir=demo.dataset_dir)
+    done = train_small(demo.ckpt_dir / "model.pt", demo.iterations, dataset_dir=demo.dataset_dir)
     demo.results["train_minutes"], demo.results["train_iterations"] = done["minutes"], done["iterations"]
     _say(f"train: {done['iterations']} iterations in {done['minutes']:.1f} min -> {demo.ckpt_dir / 'model.pt'}")
 
@@ -272,10 +275,10 @@ STEPS: list[Callable[[Demo], None]] = [step_data, step_train, step_infer, step_o
 
 def main(argv: list[str] | None = None) -> Demo:
     parser = argparse.ArgumentParser(prog="python -m custom.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
+    parser.add_argument("--iterations", type=int, default=200, help="training iterations (default 200: about 7 min on 2 CPU cores)")
     parser.add_argument("--out", type=Path, default=REPO / "demo_output", help="output folder (default demo_output/)")
     args = parser.parse_args(argv)
-    demo = Demo(out=args.out.resolve(), minutes=args.minutes)
+    demo = Demo(out=args.out.resolve(), iterations=args.iterations)
     demo.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     for i, step in enumerate(STEPS, 1):
@@ -286,6 +289,6 @@ def main(argv: list[str] | None = None) -> Demo:
 
 
 if __name__ == "__main__":
-    from custom.io import exit_on_input_error
+    from custom.errors import exit_on_input_error
 
     exit_on_input_error(main)
