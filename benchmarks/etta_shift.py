@@ -34,6 +34,7 @@ clean and MR), the final evaluation on every severity and all three seeds (23 ca
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -105,10 +106,11 @@ def spearman(x: list[float], y: list[float]) -> float:
 # -------------------------------------------------------------------------------- the model
 def source_model(model: str | None, iterations: int, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(network in eval mode, info with roi / pixdim / source) from ``model`` or the cached CPU-recipe model."""
-    from custom.demo import SMALL, load_small, train_small
+    from custom.demo import SMALL, TRAIN_SMALL, load_small, train_small
     from custom.sample_data import data_root
 
-    path = Path(model) if model else data_root() / "etta_bench" / f"btcv_small_{iterations}it_seed{seed}.pt"
+    recipe = hashlib.sha256(json.dumps([SMALL, TRAIN_SMALL], sort_keys=True).encode()).hexdigest()[:8]  # a new recipe, a new cache file
+    path = Path(model) if model else data_root() / "etta_bench" / f"btcv_small_{iterations}it_seed{seed}_{recipe}.pt"
     if model and not path.exists():
         raise SystemExit(f"error: {path}: no such checkpoint. Fix: give --model an existing model.pt, or leave it out")
     if not path.exists():
@@ -235,6 +237,9 @@ def main() -> None:
     ap.add_argument("--train_iterations", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gate", type=float, default=0.7, help="minimum clean mean Dice over liver, spleen, stomach")
+    ap.add_argument("--eval_on", choices=("held_out", "training_crop"), default="held_out",
+                    help="held_out: the other patient (the protocol); training_crop: the 30-slice crop of the training "
+                         "patient (seen anatomy: isolates the intensity shift when no model passes the gate on the other patient)")
     ap.add_argument("--arms", default="plain,etta,sham,flip_tta")
     ap.add_argument("--cases", default=None, help="comma-separated case names (default: clean, every shift, mr)")
     ap.add_argument("--sweep", action="store_true", help="run every setting of SWEEP on the strongest shifts (seed 0); summaries only")
@@ -259,7 +264,8 @@ def main() -> None:
     pixdim = tuple(info["pixdim"])
     root = prepare("btcv_sample")
     spec = json.loads((root / "dataset.json").read_text())
-    ct = preprocess(root / spec["validation"][0]["image"], root / spec["validation"][0]["label"], pixdim)
+    ct_case = spec["validation"][0] if args.eval_on == "held_out" else spec["training"][1]
+    ct = preprocess(root / ct_case["image"], root / ct_case["label"], pixdim)
     mr = preprocess(root / spec["mr"][0]["image"], root / spec["mr"][0]["label"], pixdim, modality="mr")
     sw_kw = dict(roi_size=tuple(info["roi"]), sw_batch_size=2, overlap=0.25, mode="gaussian")
     plain = SlidingWindowInferer(**sw_kw)
@@ -269,7 +275,7 @@ def main() -> None:
     with torch.no_grad():
         clean = organ_scores(plain(ct["image"][None].as_tensor().float(), net).argmax(1)[0], label, pixdim)
     gate = gate_mean(clean)
-    header = {"benchmark": "etta_shift", "model": info["source"], "gate_dice": round(gate, 4), "gate": args.gate,
+    header = {"benchmark": "etta_shift", "model": info["source"], "eval_on": args.eval_on, "image": ct_case["image"], "gate_dice": round(gate, 4), "gate": args.gate,
               "clean_dice": {o: round(clean[o][0], 4) for o in GATE_ORGANS if o in clean}, "evaluable": gate >= args.gate}
     print(json.dumps(header), flush=True)
     if gate < args.gate:
@@ -303,14 +309,14 @@ def main() -> None:
             results[name] = rows
             if not args.sweep:
                 for arm, row in rows.items():
-                    line = {"benchmark": "etta_shift", "case": name, "arm": arm,
+                    line = {"benchmark": "etta_shift", "eval_on": args.eval_on, "case": name, "arm": arm,
                             "dice": {o: round(d, 4) for o, (d, _) in row["scores"].items()},
                             "hd95_mm": {o: round(h, 1) for o, (_, h) in row["scores"].items()},
                             **{k: v for k, v in row.items() if k not in ("scores",)}}
                     print(json.dumps(line), flush=True)
         arms_to_sum = [tag] + ([] if args.sweep else ["uniform", "oracle"] + [a for a in ("flip_tta", "sham") if a in wanted_arms])
         for arm in arms_to_sum:
-            summary = {"benchmark": "etta_shift", "summary": arm, "setting": setting, **summarise(results, arm)}
+            summary = {"benchmark": "etta_shift", "eval_on": args.eval_on, "summary": arm, "setting": setting, **summarise(results, arm)}
             if arm == tag:
                 rho = [r[tag].get("spearman_entropy_dice") for r in results.values()]
                 summary["mean_spearman_entropy_dice"] = round(float(np.nanmean([v for v in rho if v is not None])), 3)

@@ -34,9 +34,26 @@ BUNDLE = REPO / "bundles" / "swin_bob_btcv"
 CONFIGS = BUNDLE / "configs"
 #: the demo's network and sampling: small enough for a 2-core CPU, same pipeline as the bundle
 SMALL = {"feature_size": 12, "roi_size": [64, 64, 32], "pixdim": [6.0, 6.0, 3.0], "num_workers": 0, "sw_batch_size": 2}
-#: the CPU training recipe on top of SMALL: one crop per step, 30x the bundle's rate (minutes, not days), no validation;
-#: ``epochs`` is set by :func:`train_small` from its iteration budget
-TRAIN_SMALL = {"learning_rate": 3e-3, "num_samples": 1, "warmup_epochs": 5, "val_interval": 10**9, "ckpt_interval": 10**9}
+#: the CPU training recipe: overrides of train.json on top of SMALL: one crop per step, 30x the bundle's rate
+#: (minutes, not days), no validation, stronger augmentation; ``epochs`` is set by :func:`train_small` from its budget
+TRAIN_SMALL: dict[str, Any] = {
+    "learning_rate": 3e-3, "num_samples": 1, "warmup_epochs": 5, "val_interval": 10**9, "ckpt_interval": 10**9,
+    # one training patient: without spatial and intensity augmentation the network learns that patient
+    # (Dice 0.97 on it, 0.13 over liver / spleen / stomach on the other after 600 iterations). Thin z-slabs
+    # padded back to the window teach it inputs like the 40 mm held-out series.
+    "train#random_transforms": [
+        {"_target_": "RandCropByPosNegLabeld", "keys": ["image", "label"], "label_key": "label", "spatial_size": "@roi_size",
+         "pos": 1, "neg": 1, "num_samples": "@num_samples", "image_key": "image", "image_threshold": 0},
+        {"_target_": "RandAffined", "keys": ["image", "label"], "prob": 0.8, "rotate_range": [0.1, 0.1, 0.3], "scale_range": [0.2, 0.2, 0.2],
+         "translate_range": [6, 6, 3], "mode": ["bilinear", "nearest"], "padding_mode": "zeros"},
+        {"_target_": "RandSpatialCropd", "keys": ["image", "label"], "roi_size": [64, 64, 8], "max_roi_size": "@roi_size", "random_size": True},
+        {"_target_": "SpatialPadd", "keys": ["image", "label"], "spatial_size": "@roi_size"},
+        {"_target_": "RandAdjustContrastd", "keys": "image", "prob": 0.3, "gamma": [0.7, 1.5]},
+        {"_target_": "RandGaussianNoised", "keys": "image", "prob": 0.2, "std": 0.03},
+        {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.3},
+        {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
+    ],
+}
 
 
 @dataclass
@@ -246,7 +263,7 @@ def step_shift(demo: Demo) -> None:
         pred = np.asarray(nib.load(out / demo.prediction.name).dataobj)
         columns[arm] = organ_dice(pred, ref, dict(BTCV_LABELS))
         _say(f"shift: {arm} in {time.time() - start:.0f} s -> {out / demo.prediction.name}")
-    means = _print_dice_table({"clean": demo.dice, **{f"{a} (shift)": d for a, d in columns.items()}})
+    means = _print_dice_table({"clean": demo.dice, "shift": columns["plain"], "shift+flipTTA": columns["flip TTA"], "shift+ETTA": columns["ETTA"]})
     demo.results["shift_mean_dice"] = means
 
 
