@@ -141,9 +141,10 @@ class EntropyTTAInferer(Inferer):
         roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval, sw_device, device,
             progress: as in :class:`monai.inferers.SlidingWindowInferer`.
         steps: K, adaptation steps (optimiser steps) per volume; 0 gives plain sliding-window inference.
-        lr, momentum: of the default optimiser, ``torch.optim.SGD``.
-        optimizer: optional ``params -> torch.optim.Optimizer`` (e.g. a bundle config's
-            ``{"_target_": "torch.optim.Adam", "_partial_": true, "lr": 1e-4}``); overrides lr/momentum.
+        optimizer: ``"adam"`` (default: ``torch.optim.Adam(lr)``), ``"sgd"`` (``torch.optim.SGD(lr, momentum)``)
+            or a ``params -> torch.optim.Optimizer`` (e.g. a bundle config's
+            ``{"_target_": "torch.optim.Adam", "_partial_": true, "lr": 1e-4}``), which overrides lr/momentum.
+        lr, momentum: of the named optimiser (momentum: SGD only).
         tau: temperature of the candidate weights ``softmax(-H / tau)``, in nats, or with
             ``tau_relative`` in units of the spread ``max_k H_k - min_k H_k``.
         tau_relative: see ``tau``.
@@ -153,7 +154,8 @@ class EntropyTTAInferer(Inferer):
             has none; ``"affine"``: only the existing affine parameters.
         margin: confidence margin of the loss: only voxels with entropy below ``margin * log C``
             (sigmoid: elements below ``margin * log 2``) count; None: all voxels.
-        balance: balance the loss over predicted classes (:func:`custom.etta.entropy.entropy_loss_weights`).
+        balance: balance the loss over predicted classes (:func:`custom.etta.entropy.entropy_loss_weights`), so the
+            background's many voxels do not decide the step alone (default; chosen by ``benchmarks/etta_shift.py``'s sweep).
         online: keep adapted parameters and optimiser state from volume to volume (default: episodic,
             the network is restored exactly after every volume). :meth:`reset` restores the source model.
         adapt_fraction: fraction of the windows (evenly spread) that are back-propagated; the others
@@ -185,14 +187,14 @@ class EntropyTTAInferer(Inferer):
         steps: int = 3,
         lr: float = 1e-3,
         momentum: float = 0.9,
-        optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+        optimizer: str | Callable[[list[nn.Parameter]], torch.optim.Optimizer] = "adam",
         tau: float = 0.01,
         tau_relative: bool = False,
         w0_floor: float = 0.0,
         activation: str = "softmax",
         params: str = "norm",
         margin: float | None = None,
-        balance: bool = False,
+        balance: bool = True,
         online: bool = False,
         adapt_fraction: float = 1.0,
         amp: bool | None = None,
@@ -215,6 +217,8 @@ class EntropyTTAInferer(Inferer):
             raise ValueError(f"margin must be in (0, 1] (a fraction of log C), got {margin}.")
         if not 0 < adapt_fraction <= 1:
             raise ValueError(f"adapt_fraction must be in (0, 1], got {adapt_fraction}.")
+        if not callable(optimizer) and optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam', 'sgd' or a callable, got {optimizer!r}.")
         if sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}.")
         self.roi_size, self.sw_batch_size, self.overlap = roi_size, int(sw_batch_size), overlap
@@ -263,8 +267,10 @@ class EntropyTTAInferer(Inferer):
 
     # ------------------------------------------------------------------------- internals
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        if self.optimizer is not None:
+        if callable(self.optimizer):
             return self.optimizer(params)
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr)
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
 
     def _online_state(self, network: nn.Module):
