@@ -163,7 +163,9 @@ import json, os, sys
 sys.path.insert(0, os.getcwd())  # the bundle folder, as `python -m monai.bundle run` there and MONAI Label put it
 repo, image, out, ckpt_dir, schema = sys.argv[1:6]
 tiny = json.loads(sys.argv[6])
-assert not [p for p in sys.path if os.path.realpath(p or ".").startswith(repo)], sys.path
+venv = os.path.realpath(sys.prefix)  # a venv inside the clone (make's .venv) is not the repository
+on_repo = [p for p in sys.path if (r := os.path.realpath(p or ".")) == repo or r.startswith(repo + os.sep) and not r.startswith(venv + os.sep)]
+assert not on_repo, sys.path
 import torch
 from monai.bundle import ConfigParser, run, verify_metadata
 parser = ConfigParser()
