@@ -38,7 +38,6 @@ import hashlib
 import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -139,19 +138,13 @@ ETTA_OPTIONS = ("optimizer", "lr", "steps", "params", "margin", "balance", "tau"
 
 
 def etta_inferer(setting: dict[str, Any], sw_kw: dict[str, Any], lr_zero: bool = False, record: bool = True):
-    """An ``EntropyTTAInferer`` with the library's defaults overridden by ``setting`` (keys of :data:`ETTA_OPTIONS`)."""
+    """An ``EntropyTTAInferer`` with the library's defaults overridden by ``setting`` (keys of :data:`ETTA_OPTIONS`);
+    ``lr_zero``: the same with lr 0 (sham)."""
     from custom.etta import EntropyTTAInferer
 
     kw = {k: v for k, v in setting.items() if k in ETTA_OPTIONS and v is not None}
-    opt = kw.pop("optimizer", None)
-    lr = 0.0 if lr_zero else kw.pop("lr", None)
-    kw.pop("lr", None)
-    if opt == "adam":
-        kw["optimizer"] = partial(torch.optim.Adam, lr=lr if lr is not None else 1e-3)
-    elif opt == "sgd":
-        kw["optimizer"] = partial(torch.optim.SGD, lr=lr if lr is not None else 1e-3, momentum=0.9)
-    elif lr is not None:
-        kw["lr"] = lr  # the default optimiser at this rate
+    if lr_zero:
+        kw["lr"] = 0.0
     return EntropyTTAInferer(record_candidates=record, **kw, **sw_kw)
 
 
@@ -248,9 +241,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--params", choices=("norm", "affine"), default=None)
     ap.add_argument("--margin", type=float, default=None)
-    ap.add_argument("--balance", action="store_true", default=None)
+    ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None, help="class-balanced loss (the default) or --no-balance")
     ap.add_argument("--tau", type=float, default=None)
-    ap.add_argument("--tau_relative", action="store_true", default=None)
+    ap.add_argument("--tau_relative", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--w0_floor", type=float, default=None)
     args = ap.parse_args()
 
