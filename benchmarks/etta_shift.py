@@ -46,15 +46,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from etta_cost import log, preprocess  # noqa: E402  (the same loading, windowing and grid as the cost benchmark)
 
 from custom.etta.shifts import SHIFTS, Shift, apply_shift  # noqa: E402
-from custom.labels import BTCV_CT_WINDOW, BTCV_LABELS, BTCV_NUM_CLASSES  # noqa: E402
+from custom.labels import BTCV_LABELS, BTCV_NUM_CLASSES  # noqa: E402
 
 GATE_ORGANS = ("liver", "spleen", "stomach")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -117,20 +116,6 @@ def source_model(model: str | None, iterations: int, seed: int) -> tuple[torch.n
         train_small(path, iterations=iterations, seed=seed, progress_every=50)
     net = load_small(path)
     return net.eval(), {"source": str(path), "roi": list(SMALL["roi_size"]), "pixdim": list(SMALL["pixdim"])}
-
-
-def preprocess(image: Path, label: Path, pixdim: tuple[float, ...], modality: str = "ct") -> dict:
-    """Image (1, H, W, D) in [0, 1] (CT: the BTCV window; MR: 0.5-99.5 percentiles) and label on the RAS ``pixdim`` grid."""
-    from monai.transforms import Compose, LoadImaged, Orientationd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd, Spacingd
-
-    keys = ["image", "label"]
-    scale = (
-        ScaleIntensityRanged("image", *BTCV_CT_WINDOW, 0.0, 1.0, clip=True)
-        if modality == "ct"
-        else ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True)
-    )
-    t = Compose([LoadImaged(keys, ensure_channel_first=True), Orientationd(keys, axcodes="RAS"), Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")), scale])
-    return t({"image": str(image), "label": str(label)})
 
 
 # ---------------------------------------------------------------------------------- the arms
@@ -258,8 +243,8 @@ def main() -> None:
     root = prepare("btcv_sample")
     spec = json.loads((root / "dataset.json").read_text())
     ct_case = spec["validation"][0] if args.eval_on == "held_out" else spec["training"][1]
-    ct = preprocess(root / ct_case["image"], root / ct_case["label"], pixdim)
-    mr = preprocess(root / spec["mr"][0]["image"], root / spec["mr"][0]["label"], pixdim, modality="mr")
+    ct = preprocess(root / ct_case["image"], pixdim, root / ct_case["label"])
+    mr = preprocess(root / spec["mr"][0]["image"], pixdim, root / spec["mr"][0]["label"], modality="mr")
     sw_kw = dict(roi_size=tuple(info["roi"]), sw_batch_size=2, overlap=0.25, mode="gaussian")
     plain = SlidingWindowInferer(**sw_kw)
 
