@@ -29,6 +29,8 @@ from monai.inferers import Inferer
 from monai.inferers.utils import _get_scan_interval
 from monai.utils import BlendMode, PytorchPadMode, ensure_tuple_rep, fall_back_tuple, look_up_option
 
+from custom.attention import fused_window_attention
+
 __all__ = ["sliding_window_labels", "decide_labels", "StreamingSlidingWindowInferer"]
 
 
@@ -159,14 +161,20 @@ class StreamingSlidingWindowInferer(Inferer):
     softmax, ``(B, C, *spatial)`` for sigmoid) with ``inputs``' metadata, so a bundle's ``Invertd``
     (``nearest_interp``) takes it back to the input's grid. ``custom.transforms.LogitsToLabelsd`` in the
     post-processing leaves such maps as they are and decides the float maps of other inferers (ETTA).
+    With ``fused_attention=True`` (default) MONAI Swin window attention runs through
+    ``scaled_dot_product_attention`` during the call (:mod:`custom.attention`): same labels up to float
+    rounding, no attention matrices, which were most of a Swin-UNETR window's memory.
     """
 
-    def __init__(self, roi_size: Sequence[int] | int, sw_batch_size: int = 1, **window: Any) -> None:
+    def __init__(
+        self, roi_size: Sequence[int] | int, sw_batch_size: int = 1, fused_attention: bool = True, **window: Any
+    ) -> None:
         """``window``: keyword arguments of :func:`sliding_window_labels` (:data:`WINDOW_ARGS`: ``overlap``,
         ``mode``, ``sigma_scale``, ``padding_mode``, ``cval``, ``activation``, ``axis``, ``buffer_dtype``),
         documented there once, with its defaults; each becomes an attribute. An unknown name is a
         ``TypeError`` here, not at the first call."""
         super().__init__()
+        self.fused_attention = bool(fused_attention)
         unknown = set(window) - set(WINDOW_ARGS)
         if unknown:
             raise TypeError(f"unknown sliding-window argument(s) {sorted(unknown)}; known: {list(WINDOW_ARGS)}")
@@ -179,8 +187,10 @@ class StreamingSlidingWindowInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         predictor = (lambda windows: network(windows, *args, **kwargs)) if args or kwargs else network
-        labels = sliding_window_labels(inputs, self.roi_size, self.sw_batch_size, predictor,
-                                       **{name: getattr(self, name) for name in WINDOW_ARGS})
+        enabled = self.fused_attention and isinstance(network, torch.nn.Module)
+        with fused_window_attention(network, enabled):
+            labels = sliding_window_labels(inputs, self.roi_size, self.sw_batch_size, predictor,
+                                           **{name: getattr(self, name) for name in WINDOW_ARGS})
         if isinstance(inputs, MetaTensor):
             labels = MetaTensor(labels).copy_meta_from(inputs, copy_attr=False)
         return labels

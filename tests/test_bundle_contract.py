@@ -42,9 +42,9 @@ SHARED = {
                        "displayable_configs", "tta_inferer#inferer", "tta_inferer#activation", "inferer", "handlers",
                        "evaluator", "initialize", "run"],
 }
-#: what a bundle may set on EntropyTTAInferer: the window and the output activation; the method's
-#: settings (steps, lr, tau, ...) are the defaults of custom.etta.EntropyTTAInferer, in one place
-ETTA_BUNDLE_ARGS = {"_target_", "roi_size", "sw_batch_size", "overlap", "mode", "activation"}
+#: what a bundle may set on EntropyTTAInferer: the window, the buffers' dtype and the output activation;
+#: the method's settings (steps, lr, tau, ...) are the defaults of custom.etta.EntropyTTAInferer, in one place
+ETTA_BUNDLE_ARGS = {"_target_", "roi_size", "sw_batch_size", "overlap", "mode", "buffer_dtype", "activation"}
 
 
 def _eval_properties(folder: Path) -> Path:

@@ -679,6 +679,24 @@ def test_peak_memory_grows_far_less_than_volume():
     print(f"peak memory ratio 4x volume / 1x: ETTA {etta_ratio:.2f}, whole-volume graph {naive_ratio:.2f}")
 
 
+def test_float16_buffers_halve_the_output_sized_memory_same_labels():
+    net, x = conv_net(out_ch=32, seed=2), torch.rand(1, 1, 64, 64, 64) * 3
+    runs = {}
+    for dtype in ("float32", "float16"):
+        etta = EntropyTTAInferer(32, overlap=0.0, steps=1, buffer_dtype=dtype)
+        with torch.no_grad():
+            peak = _peak_cpu_bytes(lambda: runs.setdefault(dtype, etta(x, net)))
+        runs[dtype + "_peak"] = peak
+        runs[dtype + "_h"] = etta.pop_records()[0]["entropy"]
+    buffer = 32 * 64**3 * 4  # one float32 output-sized map
+    assert runs["float16"].dtype == torch.float16
+    assert runs["float32_peak"] - runs["float16_peak"] > 0.9 * buffer  # two buffers at half size
+    p32, pick16 = runs["float32"].exp(), runs["float16"].argmax(1, keepdim=True)
+    gap = p32.amax(1, keepdim=True) - p32.gather(1, pick16)  # 0 where float16 picks float32's class
+    assert (gap == 0).float().mean() > 0.99 and gap.max() < 5e-3  # only near-ties of a random net flip
+    assert np.allclose(runs["float16_h"], runs["float32_h"], atol=2e-3)
+
+
 # ------------------------------------------------------------------------------ evaluator
 def test_inside_supervised_evaluator_with_stats_handler(ct_crop, caplog):
     from monai.data import DataLoader, MetaTensor

@@ -82,3 +82,27 @@ def test_decide_labels():
     assert decide_labels(scores, "sigmoid").flatten().tolist() == [1, 1, 0]
     with pytest.raises(ValueError, match="softmax"):
         decide_labels(scores, "relu")
+
+
+def test_fused_attention_same_labels_and_network_restored():
+    from monai.networks.nets import SwinUNETR
+    from monai.networks.nets.swin_unetr import WindowAttention
+
+    torch.manual_seed(0)
+    swin = SwinUNETR(in_channels=1, out_channels=4, feature_size=12).eval()
+    x = torch.randn((1, 1, 80, 64, 64), generator=torch.Generator().manual_seed(3))
+    seen: list[bool] = []
+    attention = next(m for m in swin.modules() if isinstance(m, WindowAttention))
+    hook = attention.register_forward_hook(lambda m, a, o: seen.append("forward" in vars(m)))
+    with torch.no_grad():
+        expected = sliding_window_inference(x, (64, 64, 64), 2, swin, overlap=0.5, mode="gaussian").argmax(1, keepdim=True)
+        seen.clear()
+        fused = StreamingSlidingWindowInferer((64, 64, 64), 2, overlap=0.5, mode="gaussian")(x, swin)
+        assert seen and all(seen)  # every window ran the fused attention ...
+        seen.clear()
+        plain = StreamingSlidingWindowInferer((64, 64, 64), 2, fused_attention=False, overlap=0.5, mode="gaussian")(x, swin)
+    hook.remove()
+    assert seen and not any(seen)  # ... only when asked, and MONAI's forward is back after the call
+    assert all("forward" not in vars(m) for m in swin.modules())
+    assert torch.equal(plain, expected.to(torch.uint8))
+    assert (fused == plain).float().mean() > 0.9999  # float rounding may flip exact near-ties only

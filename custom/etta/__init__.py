@@ -2,13 +2,13 @@
 
 - :mod:`custom.etta.entropy`: entropies, loss options (margin, class balancing), candidate weights;
 - :mod:`custom.etta.norms`: the adapted parameters (existing norm affines, added identity affines);
-- :mod:`custom.etta.attention`: memory-saving Swin window attention for the backward pass;
+- :mod:`custom.attention`: memory-saving Swin window attention for the backward pass;
 - :mod:`custom.etta.windows`: the sliding-window plan (MONAI's geometry);
 - :mod:`custom.etta.inferer`: :class:`EntropyTTAInferer`, :class:`FlipTTAInferer`;
 - :mod:`custom.etta.handler`: :class:`ETTAStatsHandler`.
 """
 
-from custom.etta.attention import fused_window_attention
+from custom.attention import fused_window_attention
 from custom.etta.entropy import entropy_loss_weights, entropy_weights, sigmoid_entropy, softmax_entropy, weighted_entropy_sum
 from custom.etta.handler import ETTAStatsHandler
 from custom.etta.inferer import EntropyTTAInferer, FlipTTAInferer

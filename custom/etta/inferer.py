@@ -21,10 +21,11 @@ For every input volume it
 
 Cost: K + 1 forward passes and K backward passes over the windows; memory: one window's graph plus
 two output-sized buffers (the current pass and the running weighted combination; three with a floor on
-w_0, K + 1 with a relative tau, whose weights are known only at the end). One window's graph
+w_0, K + 1 with a relative tau, whose weights are known only at the end), float32 or, with
+``buffer_dtype="float16"``, half that. One window's graph
 is kept small in two ways. (1) ``fused_attention=True`` (default) runs MONAI's Swin window attention
 through ``torch.nn.functional.scaled_dot_product_attention`` during ETTA's passes, with gradients too
-(:mod:`custom.etta.attention`): the backward then keeps no ``windows x heads x n x n`` attention
+(:mod:`custom.attention`): the backward then keeps no ``windows x heads x n x n`` attention
 matrices or biases, which were most of the graph. (2) The entropy loss is one autograd function
 (:func:`~custom.etta.entropy.weighted_entropy_sum`) whose backward keeps only log P (softmax) or the
 logits (sigmoid). (3) The added affines give the block fed by the image (Swin-UNETR's full-resolution
@@ -63,7 +64,7 @@ from monai.inferers import Inferer
 from monai.utils import BlendMode, PytorchPadMode, convert_to_dst_type
 from torch import nn
 
-from custom.etta.attention import fused_window_attention
+from custom.attention import fused_window_attention
 from custom.etta.entropy import entropy_loss_weights, entropy_weights, prob_entropy_mean, weighted_entropy_sum
 from custom.etta.norms import added_norm_affines, checkpointed_input_blocks, norm_affine_parameters
 from custom.etta.windows import WindowPlan
@@ -167,6 +168,9 @@ class EntropyTTAInferer(Inferer):
         checkpoint_input_blocks: with ``params="norm"``, recompute in the backward pass the activations of
             the network's top-level blocks that have added affines but inputs without gradients (Swin-UNETR's
             full-resolution ``encoder1``) instead of keeping them (:func:`custom.etta.norms.checkpointed_input_blocks`).
+        buffer_dtype: dtype of the output-sized buffers (the current pass and the running combination;
+            ``"float16"`` halves their memory, as the streaming inferer's ``buffer_dtype``); the windows'
+            logits, the loss and the entropies are computed in float32 either way.
         record_candidates: also keep every candidate P_k (on the CPU) in the volume's record under
             ``"candidates"``, for evaluations of the weighting (uniform average, best candidate); costs
             K + 1 output-sized CPU buffers, so it is off by default.
@@ -200,6 +204,7 @@ class EntropyTTAInferer(Inferer):
         amp: bool | None = None,
         fused_attention: bool = True,
         checkpoint_input_blocks: bool = True,
+        buffer_dtype: torch.dtype | str = torch.float32,
         record_candidates: bool = False,
     ) -> None:
         super().__init__()
@@ -229,6 +234,9 @@ class EntropyTTAInferer(Inferer):
         self.activation, self.params, self.margin, self.balance = activation, params, margin, bool(balance)
         self.online, self.adapt_fraction, self.amp = online, adapt_fraction, amp
         self.fused_attention, self.checkpoint_input_blocks = bool(fused_attention), bool(checkpoint_input_blocks)
+        self.buffer_dtype = getattr(torch, buffer_dtype) if isinstance(buffer_dtype, str) else buffer_dtype
+        if not self.buffer_dtype.is_floating_point:
+            raise ValueError(f"buffer_dtype must be a floating-point dtype, got {buffer_dtype!r}.")
         self.record_candidates = bool(record_candidates)
         self.records: list[dict[str, Any]] = []  # one per volume since the last pop_records()
         # online mode: (network, existing affines, their source values, added affines, optimiser, scaler)
@@ -404,9 +412,9 @@ class EntropyTTAInferer(Inferer):
                     del weight
             with torch.no_grad():  # stitch before the backward pass, so the logits are freed before it
                 if out is None:
-                    out = torch.zeros((1, logits.shape[1], *plan.spatial), dtype=torch.float32, device=device)
+                    out = torch.zeros((1, logits.shape[1], *plan.spatial), dtype=self.buffer_dtype, device=device)
                 same_device = logits.device == out.device
-                weighted = logits.detach().float() if same_device else (logits.detach().float() * plan.importance).to(device)
+                weighted = logits.detach().to(out.dtype) if same_device else (logits.detach().float() * plan.importance).to(device, out.dtype)
                 for j, i in enumerate(idx):
                     dst, src = plan.parts[i]
                     part = weighted[(slice(j, j + 1), slice(None), *src)]
@@ -419,7 +427,7 @@ class EntropyTTAInferer(Inferer):
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 del loss
         with torch.no_grad():
-            out.mul_(plan.weight[(slice(None), slice(None), *plan.crop)])
+            out.mul_(plan.weight[(slice(None), slice(None), *plan.crop)].to(out.dtype))  # same dtype: no output-sized temporary
             if self.activation == "softmax":
                 out.sub_(out.amax(dim=1, keepdim=True)).exp_()
                 out.div_(out.sum(dim=1, keepdim=True))

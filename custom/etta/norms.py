@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from custom.etta.attention import patched_forward
+from custom.attention import patched_forward
 
 __all__ = ["NORM_TYPES", "added_norm_affines", "affineless_norms", "checkpointed_input_blocks", "norm_affine_parameters"]
 

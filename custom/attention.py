@@ -1,8 +1,11 @@
-"""Memory-saving Swin window attention for ETTA's passes (``fused_window_attention``).
+"""Memory-saving Swin window attention (``fused_window_attention``), for inference and ETTA's passes.
 
-MONAI's own ``use_flash_attention`` acts only while autograd is off; this patch runs MONAI's Swin
-``WindowAttention`` through ``torch.nn.functional.scaled_dot_product_attention`` with gradients too,
-so an adapted window's backward keeps no ``windows x heads x n x n`` attention matrices.
+MONAI's own ``use_flash_attention`` acts only while autograd is off and, for shifted windows, still
+builds a ``windows x heads x n x n`` bias; this patch runs MONAI's Swin ``WindowAttention`` through
+``torch.nn.functional.scaled_dot_product_attention`` with one bias per group of windows that share a
+mask, with gradients too. A plain forward keeps no attention matrix (a feature-size-12 SwinUNETR on
+four 96^3 windows: 1.4 GB above the weights instead of 4.1 GB on CPU), and an adapted window's
+backward keeps none either.
 """
 
 from __future__ import annotations
