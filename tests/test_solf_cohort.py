@@ -120,3 +120,42 @@ def test_partial_masks_are_fitted_apart_and_judged_only_against_partial_ones() -
     assert never["rejected"].sum() == 0 and not never.loc[never["partial"], "outliers"].any()
     # a table from before the flag (no column) is all whole, as before
     assert "partial" not in cohort_of_20() and not cohort.fit(cohort_of_20())["partial"].any()
+
+
+def _whole_and_cut(n_cut: int) -> pd.DataFrame:
+    """20 whole liver masks (1400-1600 mL) and ``n_cut`` masks cut in half by the field of view."""
+    whole = cohort_of_20().assign(partial=False, volume_ml=np.linspace(1400.0, 1600.0, 20))
+    cut = cohort_of_20().assign(volume=lambda x: "p" + x["volume"], partial=True, volume_ml=np.linspace(700.0, 800.0, 20))
+    cut[["norm_volume", "sphericity"]] = cut[["norm_volume", "sphericity"]] * 0.5
+    return pd.concat([whole, cut.iloc[:n_cut]], ignore_index=True)
+
+
+def test_rarely_cut_organ_judges_its_partial_masks_against_whole_ones() -> None:
+    """Too few partial masks to fit (here 2): the cohort says the organ is whole, so a cut one is judged as whole."""
+    t = _whole_and_cut(2)
+    thr = cohort.fit(t).set_index("partial")
+    assert thr.loc[True, "fitted_on"] == "whole" and bool(thr.loc[True, "fitted"]) and thr.loc[True, "n"] == 2
+    assert thr.loc[True, "norm_volume_lo"] == pytest.approx(thr.loc[False, "norm_volume_lo"])
+    dec = cohort.decide(t, cohort.fit(t)).set_index("volume")
+    assert dec.loc[["pv00", "pv01"], "rejected"].all() and not dec.loc[~dec["partial"], "rejected"].any()
+    # with enough partial masks they are their own reference again, and half organs are normal there
+    many = cohort.fit(_whole_and_cut(20)).set_index("partial")
+    assert many.loc[True, "fitted_on"] == "partial"
+    assert not cohort.decide(_whole_and_cut(20), cohort.fit(_whole_and_cut(20)))["rejected"].any()
+
+
+def test_partial_mask_larger_than_a_whole_organ_gets_one_more_vote() -> None:
+    t = _whole_and_cut(20)
+    thr = cohort.fit(t).set_index("partial")
+    sd = 1.4826 * np.median(np.abs(np.linspace(1400.0, 1600.0, 20) - 1500.0))
+    assert thr.loc[True, "volume_ml_hi"] == pytest.approx(1500.0 + cohort.PARTIAL_VOLUME_SDS * sd)
+    grown = t.copy()
+    i = grown.index[grown["volume"] == "pv03"][0]
+    grown.loc[i, "volume_ml"] = 2500.0  # a spill that reaches the border: more mL than any whole liver ...
+    grown.loc[i, "eccentricity"] = 2.0  # ... and one shape feature out: 2 votes
+    dec = cohort.decide(grown, cohort.fit(grown)).set_index("volume")
+    assert dec.loc["pv03", "partial_too_large"] and dec.loc["pv03", "outliers"] == 2 and dec.loc["pv03", "rejected"]
+    assert dec["rejected"].sum() == 1
+    grown.loc[i, "volume_ml"] = 790.0  # the same shape outlier at a cut organ's volume: one vote, kept
+    dec = cohort.decide(grown, cohort.fit(grown)).set_index("volume")
+    assert not dec.loc["pv03", "partial_too_large"] and dec.loc["pv03", "outliers"] == 1 and not dec["rejected"].any()

@@ -6,8 +6,11 @@ more than ``eps`` robust standard deviations from the median; it is rejected whe
 the three features are outliers (optionally also when it breaks an absolute prior, a third stage that
 never acts alone). A partial organ (its mask reaches the field-of-view border, stage A's ``partial``)
 is not compared with whole ones: whole and partial masks of an organ are fitted separately, partial
-ones with a wider band (``partial_eps``; ``inf`` never judges them). Everything here works on pandas
-tables: the reduce over 51,761 x 72 rows is small.
+ones with a wider band (``partial_eps``; ``inf`` never judges them). Two exceptions, both because a
+cut only removes volume: an organ the cohort rarely sees cut (fewer partial masks than ``min_samples``)
+has its partial masks judged against its whole ones, and a partial mask larger in mL than the whole
+masks' band gets one more outlier vote. Everything here works on pandas tables: the reduce over
+51,761 x 72 rows is small.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ DEFAULT_MIN_SAMPLES = 5
 #: at which the field of view cuts an organ varies, so a cut organ's features spread wider (chosen on
 #: benchmarks/solf_detection.py: false rejections 4.3% -> 1.9% at eps 2, see docs/qc.md)
 DEFAULT_PARTIAL_EPS = 3.0
+#: a partial mask larger (mL) than its organ's whole masks' median + this many robust SDs gets one more
+#: outlier vote: a cut only removes volume, so the excess is a spill, merge or over-segmentation that
+#: reaches the border (benchmarks/solf_detection.py, docs/qc.md)
+PARTIAL_VOLUME_SDS = 3.0
 #: optional absolute volume priors in mL (SPEC): a third stage, only with ``use_priors=True``
 VOLUME_PRIORS_ML: Mapping[int, tuple[float, float]] = {5: (1000.0, 2500.0), 1: (100.0, 300.0), 2: (80.0, 200.0), 3: (80.0, 200.0)}
 DECISION_COLUMNS = [
@@ -47,29 +54,48 @@ def fit(features: pd.DataFrame, eps: float = DEFAULT_EPS, min_samples: int = DEF
         min_samples: organs with fewer masks in a group get no thresholds (``fitted`` is False).
         partial_eps: the band for partial masks, fitted on the partial masks of the same organ only (a
             cut organ is compared with organs cut like it, never with whole ones); ``inf``: partial masks
-            are never judged.
+            are never judged. An organ with fewer than ``min_samples`` partial masks but enough whole
+            ones is one the field of view rarely cuts: its partial masks get the whole masks' band
+            (``fitted_on`` says which).
 
     Returns:
-        one row per organ and ``partial`` group: ``organ_id, organ, partial, n, fitted`` and for each
-        feature ``f``: ``f_median, f_sd`` (1.4826 x MAD), ``f_lo, f_hi`` (median -/+ eps x sd).
+        one row per organ and ``partial`` group: ``organ_id, organ, partial, n, fitted, fitted_on`` and for
+        each feature ``f``: ``f_median, f_sd`` (1.4826 x MAD), ``f_lo, f_hi`` (median -/+ eps x sd); partial
+        rows also ``volume_ml_hi`` (whole masks' median + :data:`PARTIAL_VOLUME_SDS` sd, in mL; ``inf``
+        when they are too few or there is no ``volume_ml`` column).
     """
     rows = []
     flagged = features.assign(partial=partial_flags(features))
-    for (organ_id, organ, partial), grp in flagged.groupby(["organ_id", "organ", "partial"], sort=True):
-        band = partial_eps if partial else eps
-        row: dict[str, object] = {"organ_id": int(organ_id), "organ": organ, "partial": bool(partial), "n": len(grp),
-                                  "fitted": len(grp) >= min_samples and bool(np.isfinite(band))}
-        for f in FEATURES:
-            x = grp[f].to_numpy(dtype=np.float64)
-            x = x[np.isfinite(x)]
-            med = float(np.median(x)) if len(x) else np.nan
-            sd = float(MAD_TO_SD * np.median(np.abs(x - med))) if len(x) else np.nan
-            half = band * sd if np.isfinite(band) else np.inf
-            row.update({f"{f}_median": med, f"{f}_sd": sd, f"{f}_lo": med - half, f"{f}_hi": med + half})
-        rows.append(row)
+    for (organ_id, organ), grp in flagged.groupby(["organ_id", "organ"], sort=True):
+        whole, cut = grp[~grp["partial"]], grp[grp["partial"]]
+        if len(whole):
+            rows.append({"organ_id": int(organ_id), "organ": organ, "partial": False, "n": len(whole),
+                         **_band(whole, eps, min_samples), "fitted_on": "whole"})
+        if len(cut):
+            rarely_cut = len(cut) < min_samples <= len(whole) and np.isfinite(partial_eps)
+            band = _band(whole, eps, min_samples) if rarely_cut else _band(cut, partial_eps, min_samples)
+            ml_hi = np.inf
+            if "volume_ml" in whole and len(whole) >= min_samples:
+                ml = whole["volume_ml"].to_numpy(dtype=np.float64)
+                ml_hi = float(np.median(ml) + PARTIAL_VOLUME_SDS * MAD_TO_SD * np.median(np.abs(ml - np.median(ml))))
+            rows.append({"organ_id": int(organ_id), "organ": organ, "partial": True, "n": len(cut), **band,
+                         "fitted_on": "whole" if rarely_cut else "partial", "volume_ml_hi": ml_hi})
     out = pd.DataFrame(rows, columns=None if rows else ["organ_id", "organ", "partial", "n", "fitted"])
     out.attrs["eps"] = eps
     return out
+
+
+def _band(masks: pd.DataFrame, band: float, min_samples: int) -> dict[str, object]:
+    """``fitted`` and, per feature, median, robust SD and the ``band``-SD interval of ``masks``."""
+    row: dict[str, object] = {"fitted": len(masks) >= min_samples and bool(np.isfinite(band))}
+    for f in FEATURES:
+        x = masks[f].to_numpy(dtype=np.float64)
+        x = x[np.isfinite(x)]
+        med = float(np.median(x)) if len(x) else np.nan
+        sd = float(MAD_TO_SD * np.median(np.abs(x - med))) if len(x) else np.nan
+        half = band * sd if np.isfinite(band) else np.inf
+        row.update({f"{f}_median": med, f"{f}_sd": sd, f"{f}_lo": med - half, f"{f}_hi": med + half})
+    return row
 
 
 def partial_flags(features: pd.DataFrame) -> np.ndarray:
@@ -100,12 +126,15 @@ def decide(
         use_priors: also reject masks whose ``volume_ml`` breaks ``priors`` (a third stage).
 
     Returns:
-        :data:`DECISION_COLUMNS` plus ``out_<feature>`` flags, ``prior_violation`` and ``partial``
-        (a partial mask is judged against the partial rows of ``thresholds`` only, never by the priors).
+        :data:`DECISION_COLUMNS` plus ``out_<feature>`` flags, ``partial_too_large`` (the extra vote of a
+        partial mask above its organ's whole-mask volume band, counted in ``outliers``), ``prior_violation``
+        and ``partial`` (a partial mask is judged against the partial rows of ``thresholds`` only, never by
+        the priors).
     """
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
     cols = ["organ_id", "partial", "fitted"] + [f"{f}_{s}" for f in FEATURES for s in ("lo", "hi")]
+    cols += ["volume_ml_hi"] if "volume_ml_hi" in thresholds else []
     thresholds = thresholds.assign(partial=partial_flags(thresholds))
     d = features.assign(partial=partial_flags(features)).merge(thresholds[cols], on=["organ_id", "partial"], how="left")
     fitted = d["fitted"].fillna(False).astype(bool)
@@ -114,6 +143,10 @@ def decide(
         out = fitted & ((d[f] < d[f"{f}_lo"]) | (d[f] > d[f"{f}_hi"]))
         d[f"out_{f}"] = out.to_numpy()
         votes += out.to_numpy(dtype=int)
+    # a cut only removes volume: a partial mask above the whole masks' band has one more vote
+    too_large = fitted & d["partial"] & (d["volume_ml"] > d["volume_ml_hi"]) if {"volume_ml", "volume_ml_hi"} <= set(d) else fitted & False
+    d["partial_too_large"] = too_large.to_numpy(dtype=bool)
+    votes += d["partial_too_large"].to_numpy(dtype=int)
     d["outliers"] = votes
     prior_bad = np.zeros(len(d), dtype=bool)
     if use_priors:
@@ -127,7 +160,7 @@ def decide(
         d["action"] = np.where(per_volume > max_rejected, "drop", np.where(d["rejected"], "ignore", "keep"))
     else:
         d["action"] = np.where(d["rejected"], action, "keep")
-    extra = [f"out_{f}" for f in FEATURES] + ["prior_violation", "partial"]
+    extra = [f"out_{f}" for f in FEATURES] + ["partial_too_large", "prior_violation", "partial"]
     return d[DECISION_COLUMNS + extra].sort_values(["volume", "organ_id"]).reset_index(drop=True)
 
 
