@@ -30,11 +30,12 @@ ACTIONS = ("ignore", "background", "drop")
 DEFAULT_MIN_SAMPLES = 5
 #: band (robust SDs) for partial masks, judged only against the partial masks of their organ: the level
 #: at which the field of view cuts an organ varies, so a cut organ's features spread wider (chosen on
-#: benchmarks/solf_detection.py: false rejections 4.3% -> 1.9% at eps 2, see docs/qc.md)
+#: benchmarks/solf_detection.py: false rejections 4.3% -> 2.0% at eps 2, see docs/qc.md)
 DEFAULT_PARTIAL_EPS = 3.0
 #: a partial mask larger (mL) than its organ's whole masks' median + this many robust SDs gets one more
 #: outlier vote: a cut only removes volume, so the excess is a spill, merge or over-segmentation that
-#: reaches the border (benchmarks/solf_detection.py, docs/qc.md)
+#: reaches the border (benchmarks/solf_detection.py, docs/qc.md). A vote, never a rejection on its own; the
+#: per-scan QC's verdict on its own uses a factor instead (custom.solf.qc.PARTIAL_TOO_LARGE)
 PARTIAL_VOLUME_SDS = 3.0
 #: optional absolute volume priors in mL (SPEC): a third stage, only with ``use_priors=True``
 VOLUME_PRIORS_ML: Mapping[int, tuple[float, float]] = {5: (1000.0, 2500.0), 1: (100.0, 300.0), 2: (80.0, 200.0), 3: (80.0, 200.0)}
