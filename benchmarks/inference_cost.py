@@ -12,12 +12,13 @@ Three runs per volume, each in a fresh process (its own peak RSS):
   the model grid, nearest-neighbour inversion of a uint8 map);
 - ``previous``: the pipeline the bundles used before (MONAI ``SlidingWindowInferer`` stitching the
   whole C-channel map, softmax, bilinear inversion of the probabilities, argmax);
-- ``bare``: the network forward over the same windows and nothing else (the floor).
+- ``bare``: the network forward over the same windows, as the bundle runs it (fused window attention),
+  and nothing else (the floor).
 Each prints a JSON line (seconds for load + pre-processing / network / stitching and post-processing /
 write, peak RSS, peak CUDA memory on a GPU); then one line per volume compares the labels of ``bundle``
 and ``previous`` (fraction of identical voxels, per-organ Dice for organs over 1 mL).
 
-    python benchmarks/inference_cost.py [--feature-size 12] [--overlap 0] [--only ukbob|btcv] [--ckpt-btcv FILE]
+    python benchmarks/inference_cost.py [--feature-size 12] [--overlap 0] [--sw-batch-size N] [--only ukbob|btcv] [--ckpt-btcv FILE]
 
 Weights: a seeded random SwinUNETR unless a checkpoint is given (labels of random weights are
 fragmented, the hardest case for label agreement).
@@ -66,6 +67,7 @@ def make_volume(bundle: str, folder: Path) -> Path:
 def previous_pipeline(overlap: float) -> dict:
     """``inference.json`` overrides that restore the pipeline before streaming (for comparison)."""
     return {
+        "etta_inferer#buffer_dtype": "float32",  # the UKBOB config takes it from the streaming inferer
         "sliding_window_inferer": {"_target_": "SlidingWindowInferer", "roi_size": "@roi_size",
                                    "sw_batch_size": "@sw_batch_size", "overlap": overlap, "mode": "gaussian"},
         "postprocessing": {"_target_": "Compose", "transforms": [
@@ -87,11 +89,13 @@ def worker(args: argparse.Namespace) -> None:
     from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
 
+    from custom.attention import fused_window_attention
     from custom.predict import BundlePredictor, BundleSpec
 
     cuda = torch.cuda.is_available()
-    overrides = {"feature_size": args.feature_size, "sw_batch_size": args.sw_batch_size,
-                 "sliding_window_inferer#overlap": args.overlap, "amp": cuda}
+    overrides = {"feature_size": args.feature_size, "sliding_window_inferer#overlap": args.overlap, "amp": cuda}
+    if args.sw_batch_size:
+        overrides["sw_batch_size"] = args.sw_batch_size
     if args.run == "previous":
         overrides.update(previous_pipeline(args.overlap))
     elif args.buffer_dtype:
@@ -119,12 +123,13 @@ def worker(args: argparse.Namespace) -> None:
     image = batch["image"].to(predictor.device)
     t1 = time.perf_counter()
     with torch.no_grad(), torch.autocast("cuda", enabled=predictor.amp):
-        if args.run == "bare":
-            roi = predictor.inferer.roi_size
+        if args.run == "bare":  # the windows through the network as the bundle runs it (fused attention)
+            roi, sw = predictor.inferer.roi_size, predictor.inferer.sw_batch_size
             size = image.shape[2:]
             windows = dense_patch_slices(size, roi, _get_scan_interval(size, roi, 3, [args.overlap] * 3))
-            for i in range(0, len(windows), args.sw_batch_size):
-                predictor.network(torch.cat([image[(slice(None), slice(None), *w)] for w in windows[i : i + args.sw_batch_size]]))
+            with fused_window_attention(predictor.network):
+                for i in range(0, len(windows), sw):
+                    predictor.network(torch.cat([image[(slice(None), slice(None), *w)] for w in windows[i : i + sw]]))
         else:
             batch["pred"] = predictor.inferer(image, predictor.network)
     t2 = time.perf_counter()
@@ -139,7 +144,7 @@ def worker(args: argparse.Namespace) -> None:
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "peak_cuda_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "device": str(predictor.device), "feature_size": args.feature_size, "overlap": args.overlap,
-        "sw_batch_size": args.sw_batch_size, "threads": torch.get_num_threads(),
+        "sw_batch_size": predictor.inferer.sw_batch_size, "threads": torch.get_num_threads(),
         "buffer_dtype": str(getattr(predictor.inferer, "buffer_dtype", "")).removeprefix("torch.") or None,
     }), flush=True)
 
@@ -167,7 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--feature-size", type=int, default=12)
     parser.add_argument("--overlap", type=float, default=0.0)
-    parser.add_argument("--sw-batch-size", type=int, default=4)
+    parser.add_argument("--sw-batch-size", type=int, default=0, help="windows per forward (default: the bundle's)")
     parser.add_argument("--only", choices=sorted(VOLUMES))
     parser.add_argument("--ckpt-ukbob", default="")
     parser.add_argument("--ckpt-btcv", default="")
