@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +71,30 @@ class Demo:
     results: dict[str, Any] = field(default_factory=dict)
 
 
-def _say(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
+def _say(msg: str, file: Any = None) -> None:
+    print(f"[demo] {msg}", file=file, flush=True)
+
+
+def _quietly(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """``fn(**kwargs)`` with its log records, warnings and prints held back (a bundle run's INFO lines, MONAI's
+    config notice, reader notices); shown on stderr only when it fails, so the demo prints its own lines."""
+    import contextlib
+    import io
+    import sys
+    import warnings
+
+    held = io.StringIO()
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+            warnings.simplefilter("ignore")
+            return fn(**kwargs)
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+    finally:
+        logging.disable(disabled)
 
 
 def step_data(demo: Demo) -> None:
@@ -111,32 +134,28 @@ def train_small(ckpt: Path, iterations: int, seed: int = 0, progress_every: int 
     n_train = len(json.loads((dataset_dir / "dataset.json").read_text())["training"])  # iterations per epoch (batch 1)
     ckpt = Path(ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.json"), workflow_type="train", logging_file=False, bundle_root=str(BUNDLE),
-        dataset_dir=str(dataset_dir), ckpt_dir=str(ckpt.parent), output_dir=str(ckpt.parent / "train_logs"),
-        epochs=math.ceil(iterations / n_train), **TRAIN_SMALL, **SMALL,
+    wf = _quietly(
+        ConfigWorkflow, config_file=str(CONFIGS / "train.json"), workflow_type="train", logging_file=False,
+        bundle_root=str(BUNDLE), dataset_dir=str(dataset_dir), ckpt_dir=str(ckpt.parent),
+        output_dir=str(ckpt.parent / "train_logs"), epochs=math.ceil(iterations / n_train), **TRAIN_SMALL, **SMALL,
     )
-    wf.initialize()
+    _quietly(wf.initialize)  # parsing, the dataset cache's progress bar
     trainer = wf.parser.get_parsed_content("train#trainer")
     network = wf.parser.get_parsed_content("network")
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iterations), lambda engine: engine.terminate())
     start = time.time()
+    console = sys.stdout  # the progress lines go here while the run's own output is held back
 
     @trainer.on(Events.ITERATION_COMPLETED(every=max(1, progress_every)))
     def _progress(engine) -> None:
         loss = engine.state.output[0]["loss"] if isinstance(engine.state.output, list) else engine.state.output["loss"]
-        _say(f"train: iteration {engine.state.iteration:4d} of {iterations}, {(time.time() - start) / 60:4.1f} min, loss {float(loss):.3f}")
+        _say(f"train: iteration {engine.state.iteration:4d} of {iterations}, {(time.time() - start) / 60:4.1f} min, loss {float(loss):.3f}", console)
 
     AtomicCheckpointSaver(save_dir=str(ckpt.parent), save_dict={"model": network}, save_final=True, final_filename=ckpt.name).attach(trainer)
     torch.manual_seed(seed)
-    root_logger = logging.getLogger()
-    level = root_logger.level
-    root_logger.setLevel(logging.WARNING)  # the bundle's per-iteration StatsHandler lines: _progress says enough
-    try:
-        wf.run()
-        wf.finalize()
-    finally:
-        root_logger.setLevel(level)
+    # the bundle's per-iteration StatsHandler lines and the dataset's progress bars: _progress says enough
+    _quietly(wf.run)
+    _quietly(wf.finalize)
     return {"iterations": trainer.state.iteration, "minutes": (time.time() - start) / 60}
 
 
@@ -168,8 +187,8 @@ def step_infer(demo: Demo) -> None:
 
     pred_dir = demo.out / "predictions"
     _say(f"infer: {demo.held_out['image']} (sliding window, overlap 0.5, gaussian)")
-    run(
-        config_file=str(CONFIGS / "inference.json"), logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE),
+    _quietly(
+        run, config_file=str(CONFIGS / "inference.json"), logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE),
         input_path=demo.held_out["image"], ckpt_dir=str(demo.ckpt_dir), output_dir=str(pred_dir), **SMALL,
     )
     name = Path(demo.held_out["image"]).name.removesuffix(".nii.gz")
@@ -258,8 +277,8 @@ def step_shift(demo: Demo) -> None:
     for arm, flags in (("plain", {}), ("flip TTA", {"use_tta": True}), ("ETTA", {"use_etta": True})):
         out = demo.out / f"predictions_shift_{arm.split()[0].lower()}"
         start = time.time()
-        run(config_file=str(CONFIGS / "inference.json"), logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE),
-            input_path=str(shifted), ckpt_dir=str(demo.ckpt_dir), output_dir=str(out), **flags, **SMALL)
+        _quietly(run, config_file=str(CONFIGS / "inference.json"), logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE),
+                 input_path=str(shifted), ckpt_dir=str(demo.ckpt_dir), output_dir=str(out), **flags, **SMALL)
         pred = np.asarray(nib.load(out / demo.prediction.name).dataobj)
         columns[arm] = organ_dice(pred, ref, dict(BTCV_LABELS))
         _say(f"shift: {arm} in {time.time() - start:.0f} s -> {out / demo.prediction.name}")
