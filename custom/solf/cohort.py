@@ -69,31 +69,38 @@ def fit(features: pd.DataFrame, eps: float = DEFAULT_EPS, min_samples: int = DEF
     flagged = features.assign(partial=partial_flags(features))
     for (organ_id, organ), grp in flagged.groupby(["organ_id", "organ"], sort=True):
         whole, cut = grp[~grp["partial"]], grp[grp["partial"]]
+        whole_band = _band(whole, eps, min_samples)
         if len(whole):
-            rows.append({"organ_id": int(organ_id), "organ": organ, "partial": False, "n": len(whole),
-                         **_band(whole, eps, min_samples), "fitted_on": "whole"})
+            rows.append({"organ_id": int(organ_id), "organ": organ, "partial": False, "n": len(whole), **whole_band, "fitted_on": "whole"})
         if len(cut):
             rarely_cut = len(cut) < min_samples <= len(whole) and np.isfinite(partial_eps)
-            band = _band(whole, eps, min_samples) if rarely_cut else _band(cut, partial_eps, min_samples)
             ml_hi = np.inf
             if "volume_ml" in whole and len(whole) >= min_samples:
-                ml = whole["volume_ml"].to_numpy(dtype=np.float64)
-                ml_hi = float(np.median(ml) + PARTIAL_VOLUME_SDS * MAD_TO_SD * np.median(np.abs(ml - np.median(ml))))
-            rows.append({"organ_id": int(organ_id), "organ": organ, "partial": True, "n": len(cut), **band,
+                med, sd = robust_fit(whole["volume_ml"])
+                ml_hi = med + PARTIAL_VOLUME_SDS * sd
+            rows.append({"organ_id": int(organ_id), "organ": organ, "partial": True, "n": len(cut),
+                         **(whole_band if rarely_cut else _band(cut, partial_eps, min_samples)),
                          "fitted_on": "whole" if rarely_cut else "partial", "volume_ml_hi": ml_hi})
     out = pd.DataFrame(rows, columns=None if rows else ["organ_id", "organ", "partial", "n", "fitted"])
     out.attrs["eps"] = eps
     return out
 
 
+def robust_fit(values: pd.Series | np.ndarray) -> tuple[float, float]:
+    """(median, 1.4826 x median absolute deviation) of the finite ``values``; NaNs when there are none."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return np.nan, np.nan
+    med = float(np.median(x))
+    return med, float(MAD_TO_SD * np.median(np.abs(x - med)))
+
+
 def _band(masks: pd.DataFrame, band: float, min_samples: int) -> dict[str, object]:
     """``fitted`` and, per feature, median, robust SD and the ``band``-SD interval of ``masks``."""
     row: dict[str, object] = {"fitted": len(masks) >= min_samples and bool(np.isfinite(band))}
     for f in FEATURES:
-        x = masks[f].to_numpy(dtype=np.float64)
-        x = x[np.isfinite(x)]
-        med = float(np.median(x)) if len(x) else np.nan
-        sd = float(MAD_TO_SD * np.median(np.abs(x - med))) if len(x) else np.nan
+        med, sd = robust_fit(masks[f])
         half = band * sd if np.isfinite(band) else np.inf
         row.update({f"{f}_median": med, f"{f}_sd": sd, f"{f}_lo": med - half, f"{f}_hi": med + half})
     return row
@@ -145,9 +152,11 @@ def decide(
         d[f"out_{f}"] = out.to_numpy()
         votes += out.to_numpy(dtype=int)
     # a cut only removes volume: a partial mask above the whole masks' band has one more vote
-    too_large = fitted & d["partial"] & (d["volume_ml"] > d["volume_ml_hi"]) if {"volume_ml", "volume_ml_hi"} <= set(d) else fitted & False
-    d["partial_too_large"] = too_large.to_numpy(dtype=bool)
-    votes += d["partial_too_large"].to_numpy(dtype=int)
+    too_large = np.zeros(len(d), dtype=bool)
+    if {"volume_ml", "volume_ml_hi"} <= set(d):
+        too_large = (fitted & d["partial"] & (d["volume_ml"] > d["volume_ml_hi"])).to_numpy(dtype=bool)
+    d["partial_too_large"] = too_large
+    votes += too_large
     d["outliers"] = votes
     prior_bad = np.zeros(len(d), dtype=bool)
     if use_priors:

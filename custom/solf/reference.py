@@ -114,9 +114,7 @@ def build(features: pd.DataFrame, taxonomy: str, provenance: Mapping[str, Any] |
         else:  # every mask of this organ was partial
             entry["fitted"] = False
             entry.update({f"{f}_{s}": float("nan") for f in FEATURES for s in ("median", "sd")})
-        ml = whole["volume_ml"].to_numpy(dtype=float)
-        entry["volume_ml_median"] = float(np.median(ml)) if len(ml) else float("nan")
-        entry["volume_ml_sd"] = float(cohort.MAD_TO_SD * np.median(np.abs(ml - np.median(ml)))) if len(ml) else float("nan")
+        entry["volume_ml_median"], entry["volume_ml_sd"] = cohort.robust_fit(whole["volume_ml"])
         organs[int(organ_id)] = entry
     prov = {"created": datetime.date.today().isoformat(), "volumes": int(features["volume"].nunique()) if len(features) else 0,
             **dict(provenance or {})}
