@@ -80,7 +80,6 @@ def _quietly(fn: Callable[..., Any], **kwargs: Any) -> Any:
     config notice, reader notices); shown on stderr only when it fails, so the demo prints its own lines."""
     import contextlib
     import io
-    import sys
     import warnings
 
     held = io.StringIO()

@@ -31,7 +31,15 @@ from monai.utils import BlendMode, PytorchPadMode, ensure_tuple_rep, fall_back_t
 
 from custom.attention import fused_window_attention
 
-__all__ = ["sliding_window_labels", "decide_labels", "StreamingSlidingWindowInferer"]
+__all__ = ["sliding_window_labels", "decide_labels", "float_dtype", "StreamingSlidingWindowInferer"]
+
+
+def float_dtype(value: torch.dtype | str) -> torch.dtype:
+    """A floating-point ``torch.dtype`` from itself or its name (``"float16"`` in a bundle config)."""
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"buffer dtype must be a floating-point torch dtype or its name, got {value!r}")
+    return dtype
 
 
 def decide_labels(scores: torch.Tensor, activation: str = "softmax") -> torch.Tensor:
@@ -178,8 +186,8 @@ class StreamingSlidingWindowInferer(Inferer):
         unknown = set(window) - set(WINDOW_ARGS)
         if unknown:
             raise TypeError(f"unknown sliding-window argument(s) {sorted(unknown)}; known: {list(WINDOW_ARGS)}")
-        if isinstance(window.get("buffer_dtype"), str):  # "float16" from a config file
-            window["buffer_dtype"] = getattr(torch, window["buffer_dtype"])
+        if "buffer_dtype" in window:
+            window["buffer_dtype"] = float_dtype(window["buffer_dtype"])
         if window.get("activation", "softmax") not in ("softmax", "sigmoid"):
             raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {window['activation']!r}")
         self.roi_size, self.sw_batch_size = roi_size, int(sw_batch_size)

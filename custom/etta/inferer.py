@@ -68,6 +68,7 @@ from custom.attention import fused_window_attention
 from custom.etta.entropy import entropy_loss_weights, entropy_weights, prob_entropy_mean, weighted_entropy_sum
 from custom.etta.norms import added_norm_affines, checkpointed_input_blocks, norm_affine_parameters
 from custom.etta.windows import WindowPlan
+from custom.inferers import float_dtype
 
 __all__ = ["EntropyTTAInferer", "FlipTTAInferer"]
 
@@ -234,9 +235,7 @@ class EntropyTTAInferer(Inferer):
         self.activation, self.params, self.margin, self.balance = activation, params, margin, bool(balance)
         self.online, self.adapt_fraction, self.amp = online, adapt_fraction, amp
         self.fused_attention, self.checkpoint_input_blocks = bool(fused_attention), bool(checkpoint_input_blocks)
-        self.buffer_dtype = getattr(torch, buffer_dtype) if isinstance(buffer_dtype, str) else buffer_dtype
-        if not self.buffer_dtype.is_floating_point:
-            raise ValueError(f"buffer_dtype must be a floating-point dtype, got {buffer_dtype!r}.")
+        self.buffer_dtype = float_dtype(buffer_dtype)
         self.record_candidates = bool(record_candidates)
         self.records: list[dict[str, Any]] = []  # one per volume since the last pop_records()
         # online mode: (network, existing affines, their source values, added affines, optimiser, scaler)
