@@ -181,15 +181,19 @@ def step_train(demo: Demo) -> None:
     _say(f"train: {done['iterations']} iterations in {done['minutes']:.1f} min -> {demo.ckpt_dir / 'model.pt'}")
 
 
-def step_infer(demo: Demo) -> None:
+def _infer(demo: Demo, image: str | Path, output_dir: Path, **flags: Any) -> None:
+    """The BTCV bundle's ``inference.json`` with the demo's model on ``image`` (``flags``: e.g. ``use_etta``), quietly."""
     from monai.bundle import run
 
+    _quietly(run, config_file=str(CONFIGS / "inference.json"), logging_file=str(CONFIGS / "logging.conf"),
+             bundle_root=str(BUNDLE), input_path=str(image), ckpt_dir=str(demo.ckpt_dir), output_dir=str(output_dir),
+             **flags, **SMALL)
+
+
+def step_infer(demo: Demo) -> None:
     pred_dir = demo.out / "predictions"
     _say(f"infer: {demo.held_out['image']} (sliding window, overlap 0.5, gaussian)")
-    _quietly(
-        run, config_file=str(CONFIGS / "inference.json"), logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE),
-        input_path=demo.held_out["image"], ckpt_dir=str(demo.ckpt_dir), output_dir=str(pred_dir), **SMALL,
-    )
+    _infer(demo, demo.held_out["image"], pred_dir)
     name = Path(demo.held_out["image"]).name.removesuffix(".nii.gz")
     demo.prediction = pred_dir / f"{name}_seg.nii.gz"
     _say(f"infer: wrote {demo.prediction}")
@@ -259,7 +263,6 @@ def _print_dice_table(columns: dict[str, dict[str, float]]) -> dict[str, float]:
 def step_shift(demo: Demo) -> None:
     """The held-out CT under a contrast shift (gamma 2 inside the CT window), then plain, flip TTA and ETTA."""
     import nibabel as nib
-    from monai.bundle import run
 
     from custom.etta.shifts import Shift, apply_shift_hu
     from custom.labels import BTCV_CT_WINDOW, BTCV_LABELS
@@ -276,8 +279,7 @@ def step_shift(demo: Demo) -> None:
     for arm, flags in (("plain", {}), ("flip TTA", {"use_tta": True}), ("ETTA", {"use_etta": True})):
         out = demo.out / f"predictions_shift_{arm.split()[0].lower()}"
         start = time.time()
-        _quietly(run, config_file=str(CONFIGS / "inference.json"), logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(BUNDLE),
-                 input_path=str(shifted), ckpt_dir=str(demo.ckpt_dir), output_dir=str(out), **flags, **SMALL)
+        _infer(demo, shifted, out, **flags)
         pred = np.asarray(nib.load(out / demo.prediction.name).dataobj)
         columns[arm] = organ_dice(pred, ref, dict(BTCV_LABELS))
         _say(f"shift: {arm} in {time.time() - start:.0f} s -> {out / demo.prediction.name}")
