@@ -44,7 +44,7 @@ SHARED = {
 }
 #: what a bundle may set on EntropyTTAInferer: the window, the buffers' dtype and the output activation;
 #: the method's settings (steps, lr, tau, ...) are the defaults of custom.etta.EntropyTTAInferer, in one place
-ETTA_BUNDLE_ARGS = {"_target_", "roi_size", "sw_batch_size", "overlap", "mode", "buffer_dtype", "activation"}
+ETTA_BUNDLE_ARGS = {"_target_", "roi_size", "sw_batch_size", "overlap", "mode", "padding_mode", "buffer_dtype", "activation"}
 
 
 def _eval_properties(folder: Path) -> Path:
@@ -158,6 +158,22 @@ def test_etta_settings_come_from_the_python_defaults():
         etta = parser.get_parsed_content("etta_inferer")
         for key in ("steps", "lr", "momentum", "tau", "params", "w0_floor"):
             assert getattr(etta, key) == defaults[key], (bundle, key)
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_thin_volumes_are_padded_with_their_edge_slices(bundle):
+    """An input thinner than a window (a 40 mm CT slab) is padded by replication in every inferer and in train's
+    ``SpatialPadd``: a constant 0 is a slab of fat-coloured voxels that no training crop shows."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(_config(bundle, "inference.json"))
+    parser.update(TINY)
+    for config_id in ("sliding_window_inferer", "etta_inferer", "tta_inferer#inferer"):
+        assert parser.get_parsed_content(config_id).padding_mode == "replicate", (bundle, config_id)
+    train = _config(bundle, "train.json")
+    assert train["validate"]["inferer"]["padding_mode"] == "replicate"
+    assert [t["mode"] for t in train["train"]["deterministic_transforms"] if isinstance(t, dict) and t.get("_target_") == "SpatialPadd"] == ["replicate"]
+    assert _config(bundle, "evaluate.json")["etta_inferer"]["padding_mode"] == "%validate#inferer#padding_mode"
 
 
 def test_evaluate_reuses_train_loading_and_checks():

@@ -16,21 +16,22 @@ def net() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Conv3d(2, 5, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(5, 5, 3, padding=1)).eval()
 
 
-CASES = [  # input shape, roi, overlap, blending
-    ((1, 2, 40, 33, 70), (16, 16, 16), 0.5, "gaussian"),
-    ((2, 2, 20, 10, 9), (16, 16, 16), 0.25, "constant"),  # smaller than a window: padded, then cropped
-    ((1, 2, 50, 40, 30), (16, 32, 16), 0.0, "gaussian"),
-    ((1, 2, 37, 41, 29), (16, 16, 16), 0.6, "gaussian"),
+CASES = [  # input shape, roi, overlap, blending, padding of an input smaller than a window
+    ((1, 2, 40, 33, 70), (16, 16, 16), 0.5, "gaussian", "constant"),
+    ((2, 2, 20, 10, 9), (16, 16, 16), 0.25, "constant", "constant"),  # smaller than a window: padded, then cropped
+    ((1, 2, 30, 34, 6), (16, 16, 16), 0.5, "gaussian", "replicate"),  # a thin slab padded with its edge slices (the bundles')
+    ((1, 2, 50, 40, 30), (16, 32, 16), 0.0, "gaussian", "constant"),
+    ((1, 2, 37, 41, 29), (16, 16, 16), 0.6, "gaussian", "constant"),
 ]
 
 
-@pytest.mark.parametrize("shape,roi,overlap,mode", CASES)
+@pytest.mark.parametrize("shape,roi,overlap,mode,padding_mode", CASES)
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
-def test_same_labels_as_monai_stitched_output(net, shape, roi, overlap, mode, activation):
+def test_same_labels_as_monai_stitched_output(net, shape, roi, overlap, mode, padding_mode, activation):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        reference = sliding_window_inference(x, roi, 3, net, overlap=overlap, mode=mode)
-        labels = sliding_window_labels(x, roi, 3, net, overlap=overlap, mode=mode, activation=activation)
+        reference = sliding_window_inference(x, roi, 3, net, overlap=overlap, mode=mode, padding_mode=padding_mode)
+        labels = sliding_window_labels(x, roi, 3, net, overlap=overlap, mode=mode, padding_mode=padding_mode, activation=activation)
     expected = reference.argmax(1, keepdim=True) if activation == "softmax" else reference > 0
     assert labels.dtype == torch.uint8
     assert labels.shape == expected.shape
