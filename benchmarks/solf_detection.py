@@ -90,6 +90,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--eps", default="2,3", help="comma-separated epsilons for SOLF (the paper's default is 2)")
     ap.add_argument("--first-seed", type=int, default=0, help="seed of the first subject (another cohort)")
+    ap.add_argument("--partial_eps", type=float, default=cohort.DEFAULT_PARTIAL_EPS, help="band (robust SDs) of partial masks")
+    ap.add_argument("--partial_volume_sds", type=float, default=cohort.PARTIAL_VOLUME_SDS,
+                    help="extra vote for a partial mask above its organ's whole median + this many SDs (mL)")
     ap.add_argument("--cache", help="pickle of the stage-A results: read when it exists, else written (re-decide without stage A)")
     args = ap.parse_args()
     t0 = time.time()
@@ -127,8 +130,9 @@ def evaluate(args: argparse.Namespace, eps: float, bad_seeds: dict, clean: dict,
         truth = pd.Series([(v, o) in wrong for v, o in zip(table["volume"], table["organ_id"])], index=table.index)
         keys = list(zip(table["volume"], table["organ_id"]))
 
-        def solf(t: pd.DataFrame, partial_eps: float = cohort.DEFAULT_PARTIAL_EPS) -> pd.Series:
-            dec = cohort.decide(t, cohort.fit(t, eps, partial_eps=partial_eps)).set_index(["volume", "organ_id"])
+        def solf(t: pd.DataFrame, partial_eps: float = args.partial_eps) -> pd.Series:
+            th = cohort.fit(t, eps, partial_eps=partial_eps, partial_volume_sds=args.partial_volume_sds)
+            dec = cohort.decide(t, th).set_index(["volume", "organ_id"])
             return pd.Series(dec.loc[keys, "rejected"].to_numpy(dtype=bool), index=table.index)
 
         arms = {f"SOLF eps={eps:g}": solf(table), f"SOLF eps={eps:g} partial not judged": solf(table, float("inf")),

@@ -45,7 +45,7 @@ DECISION_COLUMNS = [
 
 
 def fit(features: pd.DataFrame, eps: float = DEFAULT_EPS, min_samples: int = DEFAULT_MIN_SAMPLES,
-        partial_eps: float = DEFAULT_PARTIAL_EPS) -> pd.DataFrame:
+        partial_eps: float = DEFAULT_PARTIAL_EPS, partial_volume_sds: float = PARTIAL_VOLUME_SDS) -> pd.DataFrame:
     """Per-organ robust thresholds, fitted separately on whole and on partial masks.
 
     Args:
@@ -58,11 +58,13 @@ def fit(features: pd.DataFrame, eps: float = DEFAULT_EPS, min_samples: int = DEF
             are never judged. An organ with fewer than ``min_samples`` partial masks but enough whole
             ones is one the field of view rarely cuts: its partial masks get the whole masks' band
             (``fitted_on`` says which).
+        partial_volume_sds: a partial mask above its organ's whole masks' median + this many robust SDs of
+            volume (mL) gets one more outlier vote (``inf``: never).
 
     Returns:
         one row per organ and ``partial`` group: ``organ_id, organ, partial, n, fitted, fitted_on`` and for
         each feature ``f``: ``f_median, f_sd`` (1.4826 x MAD), ``f_lo, f_hi`` (median -/+ eps x sd); partial
-        rows also ``volume_ml_hi`` (whole masks' median + :data:`PARTIAL_VOLUME_SDS` sd, in mL; ``inf``
+        rows also ``volume_ml_hi`` (whole masks' median + ``partial_volume_sds`` sd, in mL; ``inf``
         when they are too few or there is no ``volume_ml`` column).
     """
     rows = []
@@ -77,7 +79,7 @@ def fit(features: pd.DataFrame, eps: float = DEFAULT_EPS, min_samples: int = DEF
             ml_hi = np.inf
             if "volume_ml" in whole and len(whole) >= min_samples:
                 med, sd = robust_fit(whole["volume_ml"])
-                ml_hi = med + PARTIAL_VOLUME_SDS * sd
+                ml_hi = med + partial_volume_sds * sd
             rows.append({"organ_id": int(organ_id), "organ": organ, "partial": True, "n": len(cut),
                          **(whole_band if rarely_cut else _band(cut, partial_eps, min_samples)),
                          "fitted_on": "whole" if rarely_cut else "partial", "volume_ml_hi": ml_hi})
