@@ -245,8 +245,9 @@ def main() -> None:
     ct_case = spec["validation"][0] if args.eval_on == "held_out" else spec["training"][1]
     ct = preprocess(root / ct_case["image"], pixdim, root / ct_case["label"])
     mr = preprocess(root / spec["mr"][0]["image"], pixdim, root / spec["mr"][0]["label"], modality="mr")
-    # the held-out CT (14 slices on the 3 mm grid) is thinner than a window: padded with its edge slices, as the bundles do
-    sw_kw = dict(roi_size=tuple(info["roi"]), sw_batch_size=2, overlap=0.25, mode="gaussian", padding_mode="replicate")
+    # the held-out CT (14 slices on the 3 mm grid) is thinner than a window: padded as the BTCV bundle pads (edge slices)
+    padding_mode = json.loads((REPO / "bundles" / "swin_bob_btcv" / "configs" / "inference.json").read_text())["sliding_window_inferer"]["padding_mode"]
+    sw_kw = dict(roi_size=tuple(info["roi"]), sw_batch_size=2, overlap=0.25, mode="gaussian", padding_mode=padding_mode)
     plain = SlidingWindowInferer(**sw_kw)
 
     # the gate

@@ -49,7 +49,7 @@ TRAIN_SMALL: dict[str, Any] = {
         {"_target_": "RandAffined", "keys": ["image", "label"], "prob": 0.8, "rotate_range": [0.1, 0.1, 0.3], "scale_range": [0.2, 0.2, 0.2],
          "translate_range": [6, 6, 3], "mode": ["bilinear", "nearest"], "padding_mode": "zeros"},
         {"_target_": "RandSpatialCropd", "keys": ["image", "label"], "roi_size": [64, 64, 8], "max_roi_size": "@roi_size", "random_size": True},
-        {"_target_": "SpatialPadd", "keys": ["image", "label"], "spatial_size": "@roi_size", "mode": "replicate"},
+        {"_target_": "SpatialPadd", "keys": ["image", "label"], "spatial_size": "@roi_size", "mode": "@padding_mode"},
         {"_target_": "RandAdjustContrastd", "keys": "image", "prob": 0.3, "gamma": [0.7, 1.5]},
         {"_target_": "RandGaussianNoised", "keys": "image", "prob": 0.2, "std": 0.03},
         {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.3},

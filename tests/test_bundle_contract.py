@@ -29,7 +29,7 @@ WORKFLOWS = {"train": ("train.json",), "infer": ("inference.json",), "eval": ("t
 #: config ids whose content is the same in every bundle (bundle-specific values are references)
 SHARED = {
     "train.json": [
-        "bundle_root", "ckpt_dir", "device", "amp", "is_main_process", "pretrained_ckpt", "resume", "val_interval",
+        "bundle_root", "ckpt_dir", "device", "amp", "is_main_process", "padding_mode", "pretrained_ckpt", "resume", "val_interval",
         "ckpt_interval", "warmup_epochs", "learning_rate", "weight_decay", "network", "optimizer", "lr_scheduler",
         "train#dataset", "train#dataloader", "train#inferer", "train#handlers", "train#trainer",
         "train#checkpoint_saver", "train#checkpoint_loader", "validate#preprocessing", "validate#dataset",
@@ -170,9 +170,11 @@ def test_thin_volumes_are_padded_with_their_edge_slices(bundle):
     parser.update(TINY)
     for config_id in ("sliding_window_inferer", "etta_inferer", "tta_inferer#inferer"):
         assert parser.get_parsed_content(config_id).padding_mode == "replicate", (bundle, config_id)
-    train = _config(bundle, "train.json")
-    assert train["validate"]["inferer"]["padding_mode"] == "replicate"
-    assert [t["mode"] for t in train["train"]["deterministic_transforms"] if isinstance(t, dict) and t.get("_target_") == "SpatialPadd"] == ["replicate"]
+    train = ConfigParser(_config(bundle, "train.json"))
+    train.update(TINY)
+    assert train.get_parsed_content("validate#inferer").padding_mode == "replicate", bundle
+    pads = [t for t in train["train"]["deterministic_transforms"] if isinstance(t, dict) and t.get("_target_") == "SpatialPadd"]
+    assert [t["mode"] for t in pads] == ["@padding_mode"] and train.get_parsed_content("padding_mode") == "replicate", bundle
     assert _config(bundle, "evaluate.json")["etta_inferer"]["padding_mode"] == "%validate#inferer#padding_mode"
 
 
