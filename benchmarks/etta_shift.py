@@ -234,6 +234,7 @@ def main() -> None:
 
     from monai.inferers import SlidingWindowInferer
 
+    from custom.demo import CONFIGS
     from custom.etta import FlipTTAInferer
     from custom.sample_data import prepare
 
@@ -246,7 +247,7 @@ def main() -> None:
     ct = preprocess(root / ct_case["image"], pixdim, root / ct_case["label"])
     mr = preprocess(root / spec["mr"][0]["image"], pixdim, root / spec["mr"][0]["label"], modality="mr")
     # the held-out CT (14 slices on the 3 mm grid) is thinner than a window: padded as the BTCV bundle pads (edge slices)
-    padding_mode = json.loads((REPO / "bundles" / "swin_bob_btcv" / "configs" / "inference.json").read_text())["sliding_window_inferer"]["padding_mode"]
+    padding_mode = json.loads((CONFIGS / "inference.json").read_text())["sliding_window_inferer"]["padding_mode"]
     sw_kw = dict(roi_size=tuple(info["roi"]), sw_batch_size=2, overlap=0.25, mode="gaussian", padding_mode=padding_mode)
     plain = SlidingWindowInferer(**sw_kw)
 
