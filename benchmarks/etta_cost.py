@@ -45,12 +45,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from custom.demo import SMALL, load_small  # noqa: E402
 from custom.etta import EntropyTTAInferer, fused_window_attention, norm_affine_parameters  # noqa: E402
 from custom.labels import BTCV_CT_WINDOW, BTCV_NUM_CLASSES  # noqa: E402
 from custom.sample_data import data_root, prepare  # noqa: E402
 
 BUNDLE_CKPT = REPO / "bundles" / "swin_bob_btcv" / "models" / "model.pt"  # a full bundle training (96^3, 1.5 x 1.5 x 2 mm)
-DEMO_CKPT = REPO / "demo_output" / "models" / "model.pt"  # `make demo` (custom.demo.SMALL: 64^3 windows, 3 mm)
+DEMO_CKPT = REPO / "demo_output" / "models" / "model.pt"  # `make demo` (custom.demo.SMALL: 64 x 64 x 32 windows, 6 x 6 x 3 mm)
 # fallback model: 3 mm grid, windows of 64 x 64 x 32 voxels (CPU-sized; Swin-UNETR needs multiples of 32)
 FALLBACK_ROI = (64, 64, 32)
 
@@ -138,13 +139,9 @@ def load_model(model: str | None, train_iters: int = 40) -> tuple[torch.nn.Modul
     else:
         info["source"] = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("model", ckpt)
-    fs = int(state["swinViT.patch_embed.proj.weight"].shape[0])
-    net = build_network(fs, int(state["swinViT.patch_embed.proj.weight"].shape[1]), int(state["out.conv.conv.weight"].shape[0]))
-    net.load_state_dict(state)
+    net = load_small(path)
+    fs = int(net.swinViT.patch_embed.proj.weight.shape[0])
     if path == DEMO_CKPT:
-        from custom.demo import SMALL
-
         default_roi, default_pixdim = SMALL["roi_size"], SMALL["pixdim"]
     else:
         default_roi, default_pixdim = (96, 96, 96), (1.5, 1.5, 2.0)

@@ -4,7 +4,7 @@ Steps (each a small function of the shared :class:`Demo` state, run in the order
 
 1. ``data``: the checksummed sample data (``custom.sample_data``; the Makefile already built it).
 2. ``train``: ``bundles/swin_bob_btcv/configs/train.json`` through ``monai.bundle.ConfigWorkflow``,
-   from scratch, with the CPU recipe (:data:`SMALL`, :data:`TRAIN_SMALL`: feature size 12, 6 x 6 x 3 mm
+   from scratch, with the CPU recipe (:data:`SMALL`, :data:`TRAIN_SMALL`: feature size 12, Swin windows of 4^3, 6 x 6 x 3 mm
    voxels, 64 x 64 x 32 crops that span the abdomen's cross-section, AdamW lr 3e-3 with the bundle's cosine
    schedule over the iteration budget); the final weights are saved by a MONAI ``CheckpointSaver``.
 3. ``infer``: ``inference.json`` on the held-out CT (``ct_dicom``, another patient) -> label NIfTI
@@ -15,7 +15,7 @@ Steps (each a small function of the shared :class:`Demo` state, run in the order
 7. ``shift``: the held-out CT under a contrast shift (``custom.etta.shifts``), segmented plain, with flip
    TTA (``--use_tta true``) and with ETTA (``--use_etta true``): Dice per organ for each.
 
-Usage: ``python -m custom.demo [--iterations 200] [--out demo_output]``.
+Usage: ``python -m custom.demo [--iterations 400] [--out demo_output]``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "swin_bob_btcv"
 CONFIGS = BUNDLE / "configs"
-#: the demo's network and sampling: small enough for a 2-core CPU, same pipeline as the bundle
-SMALL = {"feature_size": 12, "roi_size": [64, 64, 32], "pixdim": [6.0, 6.0, 3.0], "num_workers": 0, "sw_batch_size": 2}
+#: the demo's network and sampling: small enough for a 2-core CPU, same pipeline as the bundle. Swin windows of
+#: 4^3 tokens instead of 7^3 (``network_def#window_size``, a bundle config override): a training step takes 1.0 s
+#: instead of 2.6 s on 2 cores, most of it having been attention over 343-token windows
+SMALL = {"feature_size": 12, "network_def#window_size": 4, "roi_size": [64, 64, 32], "pixdim": [6.0, 6.0, 3.0],
+         "num_workers": 0, "sw_batch_size": 2}
 #: the CPU training recipe: overrides of train.json on top of SMALL: one crop per step, 30x the bundle's rate
 #: (minutes, not days), no validation, stronger augmentation; ``epochs`` is set by :func:`train_small` from its budget
 TRAIN_SMALL: dict[str, Any] = {
@@ -63,7 +66,7 @@ class Demo:
     """What the steps share: settings in, paths and results out."""
 
     out: Path
-    iterations: int = 200
+    iterations: int = 400
     dataset_dir: Path | None = None
     ckpt_dir: Path | None = None
     held_out: dict[str, str] = field(default_factory=dict)
@@ -159,24 +162,39 @@ def train_small(ckpt: Path, iterations: int, seed: int = 0, progress_every: int 
     return {"iterations": trainer.state.iteration, "minutes": (time.time() - start) / 60}
 
 
+def swin_unetr_args(state: dict[str, "torch.Tensor"]) -> dict[str, int]:
+    """``SwinUNETR`` arguments that rebuild the network of a state dict: channels, feature size, Swin window.
+
+    Read from the weights' shapes: the patch embedding is ``(feature_size, in_channels, 2, 2, 2)``, the output
+    convolution ``(out_channels, feature_size, 1, 1, 1)`` and a relative position bias table has
+    ``(2 * window - 1)^3`` rows.
+    """
+    embed = state["swinViT.patch_embed.proj.weight"]
+    table_rows = state["swinViT.layers1.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+    return {
+        "in_channels": int(embed.shape[1]), "out_channels": int(state["out.conv.conv.weight"].shape[0]),
+        "feature_size": int(embed.shape[0]), "window_size": (round(table_rows ** (1 / 3)) + 1) // 2, "spatial_dims": 3,
+    }
+
+
 def load_small(ckpt: Path) -> "torch.nn.Module":
-    """The BTCV SwinUNETR of :data:`SMALL` with the weights of ``ckpt`` (a :func:`train_small` checkpoint)."""
+    """The SwinUNETR of ``ckpt`` (a :func:`train_small` checkpoint, or any ``{"model": state_dict}``) with its weights;
+    the architecture is read from the weights (:func:`swin_unetr_args`), so checkpoints of earlier recipes load too."""
     import torch
     from monai.networks.nets import SwinUNETR
 
-    from custom.labels import BTCV_NUM_CLASSES
-
-    net = SwinUNETR(in_channels=1, out_channels=BTCV_NUM_CLASSES, feature_size=SMALL["feature_size"], spatial_dims=3)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    net.load_state_dict(state.get("model", state))
+    state = state.get("model", state)
+    net = SwinUNETR(**swin_unetr_args(state))
+    net.load_state_dict(state)
     return net
 
 
 def step_train(demo: Demo) -> None:
     demo.ckpt_dir = demo.out / "models"
-    _say(f"train: SwinUNETR (feature size {SMALL['feature_size']}) from scratch on the sample CT, {demo.iterations} iterations "
-         f"({SMALL['pixdim'][0]:g} x {SMALL['pixdim'][1]:g} x {SMALL['pixdim'][2]:g} mm voxels, {'x'.join(map(str, SMALL['roi_size']))} crops, "
-         f"AdamW lr {TRAIN_SMALL['learning_rate']:g})")
+    _say(f"train: SwinUNETR (feature size {SMALL['feature_size']}, Swin windows of {SMALL['network_def#window_size']}^3 tokens) "
+         f"from scratch on the sample CT, {demo.iterations} iterations ({SMALL['pixdim'][0]:g} x {SMALL['pixdim'][1]:g} x "
+         f"{SMALL['pixdim'][2]:g} mm voxels, {'x'.join(map(str, SMALL['roi_size']))} crops, AdamW lr {TRAIN_SMALL['learning_rate']:g})")
     done = train_small(demo.ckpt_dir / "model.pt", demo.iterations, dataset_dir=demo.dataset_dir)
     demo.results["train_minutes"], demo.results["train_iterations"] = done["minutes"], done["iterations"]
     _say(f"train: {done['iterations']} iterations in {done['minutes']:.1f} min -> {demo.ckpt_dir / 'model.pt'}")
@@ -313,7 +331,7 @@ STEPS: list[Callable[[Demo], None]] = [step_data, step_train, step_infer, step_o
 
 def main(argv: list[str] | None = None) -> Demo:
     parser = argparse.ArgumentParser(prog="python -m custom.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=200, help="training iterations (default 200: about 7 min on 2 CPU cores)")
+    parser.add_argument("--iterations", type=int, default=400, help="training iterations (default 400: about 8 min on 2 CPU cores)")
     parser.add_argument("--out", type=Path, default=REPO / "demo_output", help="output folder (default demo_output/)")
     args = parser.parse_args(argv)
     demo = Demo(out=args.out.resolve(), iterations=args.iterations)
