@@ -2,7 +2,7 @@
 
 1. **Source model**: ``--model PATH``, else the cached one under ``$SWIN_BOB_DATA/etta_bench/``, trained on
    first use with the demo's CPU recipe (:func:`custom.demo.train_small`: the BTCV bundle's ``train.json``
-   with :data:`custom.demo.SMALL`) for ``--train_iterations`` (default 600, about 25 min on 2 CPU cores) on
+   with :data:`custom.demo.SMALL`) for ``--train_iterations`` (default 600, about 12 min on 2 CPU cores) on
    the sample CT (one patient).
 2. **Gate**: plain sliding-window inference on the clean held-out CT (``validation`` of btcv_sample, the
    other patient). Below a mean Dice of ``--gate`` over liver, spleen and stomach the benchmark prints

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "swin_bob_btcv"
 CONFIGS = BUNDLE / "configs"
 #: the demo's network and sampling: small enough for a 2-core CPU, same pipeline as the bundle. Swin windows of
-#: 4^3 tokens instead of 7^3 (``network_def#window_size``, a bundle config override): a training step takes 1.0 s
-#: instead of 2.6 s on 2 cores, most of it having been attention over 343-token windows
+#: 4^3 tokens instead of 7^3 (``network_def#window_size``, a bundle config override): a training step takes 1.1 s
+#: instead of 2.9 s on 2 cores (``benchmarks/train_step.py``), most of it having been attention over 343-token windows
 SMALL = {"feature_size": 12, "network_def#window_size": 4, "roi_size": [64, 64, 32], "pixdim": [6.0, 6.0, 3.0],
          "num_workers": 0, "sw_batch_size": 2}
 #: the CPU training recipe: overrides of train.json on top of SMALL: one crop per step, 30x the bundle's rate
