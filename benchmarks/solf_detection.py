@@ -9,11 +9,11 @@ For each error kind, ``--rate`` of the subjects (default 10%) get one organ corr
   eps = 2, rejected when >= 2 of 3 features are outliers (``custom.solf.cohort``);
 - IQR (the paper's baseline): per organ, organ volume (mL) outside [Q1 - 1.5 IQR, Q3 + 1.5 IQR].
 
-SOLF runs three times on the same tables: with stage A's border flag (organs within 3 voxels of the
-field of view are "partial": fitted apart from whole masks and judged against the partial masks of
-their organ with ``cohort.DEFAULT_PARTIAL_EPS``, the default), with partial masks never judged
-(``partial not judged``), and without the flag (``no border``, every mask in one fit, the rule before
-the flag existed).
+SOLF runs four times on the same tables: the default (stage A's border flag: organs within 3 voxels of
+the field of view are "partial", fitted apart from whole masks and judged against the partial masks of
+their organ with ``cohort.DEFAULT_PARTIAL_EPS``; and a whole mask ``cohort.GROSS_VOLUME_BANDS`` eps-bands
+out in volume rejected alone), with partial masks never judged (``partial not judged``), with the 2-of-3
+vote only (``2-of-3 only``), and the paper's rule (``no border``: every mask in one fit, 2-of-3 vote only).
 
 A rejection is a true positive when the (subject, organ) mask is one the error made wrong.
 Prints one JSON line per (kind, filter) with precision, recall, true/false positives, and one line
@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--partial_eps", type=float, default=cohort.DEFAULT_PARTIAL_EPS, help="band (robust SDs) of partial masks")
     ap.add_argument("--partial_volume_sds", type=float, default=cohort.PARTIAL_VOLUME_SDS,
                     help="extra vote for a partial mask above its organ's whole median + this many SDs (mL)")
+    ap.add_argument("--gross_volume_bands", type=float, default=cohort.GROSS_VOLUME_BANDS,
+                    help="a whole mask this many eps-bands out in volume is rejected alone (inf: never)")
     ap.add_argument("--cache", help="pickle of the stage-A results: read when it exists, else written (re-decide without stage A)")
     args = ap.parse_args()
     t0 = time.time()
@@ -130,13 +132,15 @@ def evaluate(args: argparse.Namespace, eps: float, bad_seeds: dict, clean: dict,
         truth = pd.Series([(v, o) in wrong for v, o in zip(table["volume"], table["organ_id"])], index=table.index)
         keys = list(zip(table["volume"], table["organ_id"]))
 
-        def solf(t: pd.DataFrame, partial_eps: float = args.partial_eps) -> pd.Series:
+        def solf(t: pd.DataFrame, partial_eps: float = args.partial_eps, gross: float = args.gross_volume_bands) -> pd.Series:
             th = cohort.fit(t, eps, partial_eps=partial_eps, partial_volume_sds=args.partial_volume_sds)
-            dec = cohort.decide(t, th).set_index(["volume", "organ_id"])
+            dec = cohort.decide(t, th, gross_volume_bands=gross).set_index(["volume", "organ_id"])
             return pd.Series(dec.loc[keys, "rejected"].to_numpy(dtype=bool), index=table.index)
 
-        arms = {f"SOLF eps={eps:g}": solf(table), f"SOLF eps={eps:g} partial not judged": solf(table, float("inf")),
-                f"SOLF eps={eps:g} no border": solf(table.drop(columns="partial")),
+        inf = float("inf")
+        arms = {f"SOLF eps={eps:g}": solf(table), f"SOLF eps={eps:g} partial not judged": solf(table, inf),
+                f"SOLF eps={eps:g} 2-of-3 only": solf(table, gross=inf),
+                f"SOLF eps={eps:g} no border": solf(table.drop(columns="partial"), gross=inf),
                 "IQR-volume": iqr_reject(table)}
         partial = table["partial"].to_numpy(dtype=bool)
         for name, rej in arms.items():

@@ -38,7 +38,7 @@ def test_robust_fit_median_and_scaled_mad() -> None:
 
 def test_two_of_three_rule() -> None:
     t = cohort_of_20(
-        one=(0.5, 0.60, 0.90),  # volume only: an outlier on one feature, kept
+        one=(0.125, 0.60, 0.90),  # volume only (3.1 robust SDs, under 3 bands): an outlier on one feature, kept
         two=(0.5, 0.30, 0.90),  # volume and sphericity: rejected
         three=(0.5, 0.30, 0.50),  # all three: rejected
     )
@@ -51,6 +51,23 @@ def test_two_of_three_rule() -> None:
     # a larger epsilon keeps everything; a 1-of-3 vote rejects the volume-only outlier too
     assert cohort.decide(t, cohort.fit(t, eps=100))["rejected"].sum() == 0
     assert cohort.decide(t, cohort.fit(t), min_votes=1)["rejected"].sum() == 3
+
+
+def test_a_gross_volume_rejects_a_whole_mask_alone_but_not_a_cut_one() -> None:
+    # robust SD of the volumes 0.0078: eps 2 -> band 0.0156, 3 bands 0.0468 (6 robust SDs)
+    t = cohort_of_20(small=(0.05, 0.60, 0.90), edge=(0.14, 0.60, 0.90))  # 6.5 and 5.0 robust SDs, shapes normal
+    dec = cohort.decide(t, cohort.fit(t)).set_index("volume")
+    assert dec.loc["v00", "outliers"] == 1 and dec.loc["v00", "gross_volume"] and dec.loc["v00", "rejected"]
+    assert dec.loc["v01", "outliers"] == 1 and not dec.loc["v01", "gross_volume"] and not dec.loc["v01", "rejected"]
+    assert dec["rejected"].sum() == 1
+    # the band scales with eps (eps 3: 9 robust SDs), inf is the paper's 2-of-3 vote alone
+    assert cohort.decide(t, cohort.fit(t, eps=3))["rejected"].sum() == 0
+    assert cohort.decide(t, cohort.fit(t), gross_volume_bands=float("inf"))["rejected"].sum() == 0
+    # a cut organ is smaller than a whole one by nature: judged by its votes only
+    cut = _whole_and_cut(20)
+    cut.loc[cut.index[cut["volume"] == "pv03"][0], "norm_volume"] = 0.001
+    dec = cohort.decide(cut, cohort.fit(cut)).set_index("volume")
+    assert not dec.loc["pv03", "gross_volume"] and dec.loc["pv03", "outliers"] == 1 and not dec["rejected"].any()
 
 
 def test_small_cohorts_are_never_rejected_and_priors_add_a_third_stage() -> None:

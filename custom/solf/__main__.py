@@ -33,9 +33,12 @@ def features(datalist: str, output_dir: str, workers: int = 0, scheduler: str | 
 @cli_main
 def fit(output_dir: str, eps: float = batch.cohort.DEFAULT_EPS, action: str = "ignore",
         min_samples: int = batch.cohort.DEFAULT_MIN_SAMPLES, min_votes: int = 2, use_priors: bool = False,
-        max_rejected: int = 3, partial_eps: float = batch.cohort.DEFAULT_PARTIAL_EPS) -> dict:
-    """Stage B: thresholds.csv and decisions.csv from features.parquet (--partial_eps inf: partial organs never judged)."""
-    return batch.fit(output_dir, eps, action, min_samples, min_votes, use_priors, max_rejected, partial_eps=float(partial_eps))
+        max_rejected: int = 3, partial_eps: float = batch.cohort.DEFAULT_PARTIAL_EPS,
+        gross_volume_bands: float = batch.cohort.GROSS_VOLUME_BANDS) -> dict:
+    """Stage B: thresholds.csv and decisions.csv from features.parquet (--partial_eps inf: partial organs never
+    judged; --gross_volume_bands inf: the paper's 2-of-3 vote only)."""
+    return batch.fit(output_dir, eps, action, min_samples, min_votes, use_priors, max_rejected, partial_eps=float(partial_eps),
+                     gross_volume_bands=float(gross_volume_bands))
 
 
 @cli_main
@@ -55,10 +58,11 @@ def report(output_dir: str, plots: bool = True) -> dict:
 def run(datalist: str, output_dir: str, workers: int = 0, scheduler: str | None = None, keys=None,
         eps: float = batch.cohort.DEFAULT_EPS, action: str = "ignore", min_samples: int = batch.cohort.DEFAULT_MIN_SAMPLES,
         use_priors: bool = False, min_fraction: float = batch.DEFAULT_MIN_FRACTION, body: str = "labels",
-        plots: bool = True, partial_eps: float = batch.cohort.DEFAULT_PARTIAL_EPS) -> None:
+        plots: bool = True, partial_eps: float = batch.cohort.DEFAULT_PARTIAL_EPS,
+        gross_volume_bands: float = batch.cohort.GROSS_VOLUME_BANDS) -> None:
     """Everything: stage A, stage B, filtered labels, report (summary printed as one JSON line)."""
     batch.run(datalist, output_dir, keys, eps, action, min_samples, use_priors, min_fraction, body, plots, float(partial_eps),
-              workers=workers, scheduler=scheduler)
+              float(gross_volume_bands), workers=workers, scheduler=scheduler)
 
 
 @cli_main

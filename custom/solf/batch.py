@@ -292,6 +292,7 @@ def fit(
     max_rejected: int = 3,
     reference: Any = None,
     partial_eps: float = cohort.DEFAULT_PARTIAL_EPS,
+    gross_volume_bands: float = cohort.GROSS_VOLUME_BANDS,
 ) -> dict[str, Any]:
     """Stage B: ``thresholds.csv`` (per organ) and ``decisions.csv`` (per volume and organ).
 
@@ -299,6 +300,8 @@ def fit(
     against its per-organ fit instead of this cohort's own (``min_samples`` is then the reference's;
     it holds whole organs only, so partial masks are not judged). ``partial_eps``: the band for partial
     masks among the partial masks of their organ (:func:`cohort.fit`; ``inf``: never judged).
+    ``gross_volume_bands``: a whole mask this many eps-bands out in volume is rejected alone
+    (:func:`cohort.decide`; ``inf``: the 2-of-3 vote only).
     """
     out = Path(output_dir)
     table = pd.read_parquet(out / "features.parquet")
@@ -307,12 +310,14 @@ def fit(
         dec = pd.DataFrame(columns=cohort.DECISION_COLUMNS)
     else:
         thr = reference.thresholds(eps) if reference is not None else cohort.fit(table, eps, min_samples, float(partial_eps))
-        dec = cohort.decide(table, thr, action, min_votes, use_priors, max_rejected=max_rejected)
+        dec = cohort.decide(table, thr, action, min_votes, use_priors, max_rejected=max_rejected,
+                            gross_volume_bands=float(gross_volume_bands))
         thr = cohort.summary(dec, thr)
     atomic_write_text(out / "thresholds.csv", thr.to_csv(index=False))
     atomic_write_text(out / "decisions.csv", dec.to_csv(index=False))
     settings = {"eps": eps, "action": action, "min_samples": min_samples, "min_votes": min_votes,
                 "use_priors": use_priors, "max_rejected": max_rejected, "partial_eps": float(partial_eps),
+                "gross_volume_bands": float(gross_volume_bands),
                 "reference": dict(reference.provenance, taxonomy=reference.taxonomy) if reference is not None else None}
     atomic_write_text(out / "fit_settings.json", json.dumps(settings, indent=2))
     return {"organs": len(thr), "masks": len(dec), "rejected": int(dec["rejected"].sum()) if len(dec) else 0}
@@ -438,6 +443,7 @@ def run(
     body: str = "labels",
     plots: bool = True,
     partial_eps: float = cohort.DEFAULT_PARTIAL_EPS,
+    gross_volume_bands: float = cohort.GROSS_VOLUME_BANDS,
     **executor: Any,
 ) -> dict[str, Any]:
     """All of SOLF: stage A, stage B, filtered labels, report. Returns the summary (also printed).
@@ -445,7 +451,7 @@ def run(
     ``executor``: ``workers`` / ``scheduler`` as for :func:`features`."""
     config = StageAConfig(min_fraction=min_fraction, body=body)
     stage_a = features(datalist, output_dir, keys, config, **executor)
-    fit(output_dir, eps, action, min_samples, use_priors=use_priors, partial_eps=partial_eps)
+    fit(output_dir, eps, action, min_samples, use_priors=use_priors, partial_eps=partial_eps, gross_volume_bands=gross_volume_bands)
     applied = apply(datalist, output_dir, keys, config, **executor)
     summary = {"stage_a": stage_a, "apply": applied, **report(output_dir, plots)}
     print(json.dumps(summary), flush=True)

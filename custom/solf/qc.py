@@ -6,7 +6,8 @@ after the same component cleaning), each feature's robust z-score against the re
 the connected-component count against the expected range of :mod:`custom.labels`, and the partial
 flag (the mask reaches within 3 voxels of the field-of-view border: its shape is not judged).
 
-Verdict per organ: ``outlier`` (>= ``min_votes`` features beyond eps; or a partial organ whose
+Verdict per organ: ``outlier`` (>= ``min_votes`` features beyond eps, or a whole organ's normalised
+volume alone beyond 3 bands, ``gross_volume``; or a partial organ whose
 volume in mL is above :data:`PARTIAL_TOO_LARGE` x the whole organs' median, ``partial_too_large``: a
 cut can only remove volume), ``partial`` (shape not judged), ``no_reference`` (the reference has too few whole masks of
 that organ) or ``ok``; ``components_ok`` is reported beside it. :func:`write_case` writes ``<stem>_qc.json`` and ``<stem>_qc.png`` (flagged organs on the image).
@@ -105,7 +106,7 @@ def scan_qc(
                 entry[f"z_{f}"] = (getattr(r, f) - med.loc[r.organ_id, f"{f}_median"]) / sd if fitted and sd > 0 else float("nan")
                 entry[f"out_{f}"] = bool(d[f"out_{f}"])
             rng = expected_components(r.organ_id)
-            entry.update(outliers=int(d["outliers"]), partial=r.partial, components=r.components_before,
+            entry.update(outliers=int(d["outliers"]), gross_volume=bool(d["gross_volume"]), partial=r.partial, components=r.components_before,
                          expected_components=[rng.min_count, rng.max_count],
                          components_ok=rng.min_count <= r.components_before <= rng.max_count)
             # a cut organ can only be smaller than whole: above the whole organs' volume band it is wrong anyway
