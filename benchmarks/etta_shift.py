@@ -2,8 +2,8 @@
 
 1. **Source model**: ``--model PATH``, else the cached one under ``$SWIN_BOB_DATA/etta_bench/``, trained on
    first use with the demo's CPU recipe (:func:`custom.demo.train_small`: the BTCV bundle's ``train.json``
-   with :data:`custom.demo.SMALL`) for ``--train_iterations`` (default 600, about 12 min on 2 CPU cores) on
-   the sample CT (one patient).
+   with :data:`custom.demo.SMALL`, and the filled-stomach augmentation :data:`custom.demo.DISTEND_STOMACH`) for
+   ``--train_iterations`` (default 1000, about 21 min on 2 CPU cores) on the sample CT (one patient).
 2. **Gate**: plain sliding-window inference on the clean held-out CT (``validation`` of btcv_sample, the
    other patient). Below a mean Dice of ``--gate`` over liver, spleen and stomach the benchmark prints
    ``"evaluable": false`` and no gain figure: ETTA cannot be judged on a model that predicts noise.
@@ -26,7 +26,7 @@ labelled patient besides the training one, so the sweep (``--sweep``) and the ev
 patient: ``--sweep`` runs on :data:`SWEEP_CASES` (the strongest severity of each shift, seed 0; 8 cases with
 clean and MR), the final evaluation on every severity and all three seeds (23 cases).
 
-    python benchmarks/etta_shift.py [--model PATH] [--train_iterations 600] [--arms plain,etta,sham,flip_tta]
+    python benchmarks/etta_shift.py [--model PATH] [--train_iterations 1000] [--arms plain,etta,sham,flip_tta]
         [--optimizer adam --lr 1e-3 --steps 3 --params norm --margin 0.4 --balance --tau 0.01 --w0_floor 0.5]
     python benchmarks/etta_shift.py --sweep        # the settings of SWEEP, summary lines only
 """
@@ -104,16 +104,16 @@ def spearman(x: list[float], y: list[float]) -> float:
 # -------------------------------------------------------------------------------- the model
 def source_model(model: str | None, iterations: int, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(network in eval mode, info with roi / pixdim / source) from ``model`` or the cached CPU-recipe model."""
-    from custom.demo import SMALL, TRAIN_SMALL, load_small, train_small
+    from custom.demo import SMALL, load_small, recipe, train_small
     from custom.sample_data import data_root
 
-    recipe = hashlib.sha256(json.dumps([SMALL, TRAIN_SMALL], sort_keys=True).encode()).hexdigest()[:8]  # a new recipe, a new cache file
-    path = Path(model) if model else data_root() / "etta_bench" / f"btcv_small_{iterations}it_seed{seed}_{recipe}.pt"
+    key = hashlib.sha256(json.dumps([SMALL, recipe(distend_stomach=True)], sort_keys=True).encode()).hexdigest()[:8]  # a new recipe, a new cache file
+    path = Path(model) if model else data_root() / "etta_bench" / f"btcv_small_{iterations}it_seed{seed}_{key}.pt"
     if model and not path.exists():
         raise SystemExit(f"error: {path}: no such checkpoint. Fix: give --model an existing model.pt, or leave it out")
     if not path.exists():
         log(f"training the source model with the demo's CPU recipe for {iterations} iterations -> {path} (cached for later runs)")
-        train_small(path, iterations=iterations, seed=seed, progress_every=50)
+        train_small(path, iterations=iterations, seed=seed, progress_every=50, distend_stomach=True)
     net = load_small(path)
     return net.eval(), {"source": str(path), "roi": list(SMALL["roi_size"]), "pixdim": list(SMALL["pixdim"])}
 
@@ -212,7 +212,7 @@ SWEEP: list[dict[str, Any]] = [  # most informative first: a sweep cut short sti
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a BTCV checkpoint of the demo's network (default: train / reuse the cached one)")
-    ap.add_argument("--train_iterations", type=int, default=600)
+    ap.add_argument("--train_iterations", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gate", type=float, default=0.7, help="minimum clean mean Dice over liver, spleen, stomach")
     ap.add_argument("--eval_on", choices=("held_out", "training_crop"), default="held_out",
