@@ -21,7 +21,7 @@ minimum over ``--repeats``, so a load change does not bias one arm; ``times_s`` 
 time, and ``cpu_time_etta_over_floor`` is the same ratio in this process's CPU time (less sensitive
 to other processes on a shared machine than wall-clock time; the goal is stated in wall-clock time).
 
-Goals (issue 5): etta time <= 1.1 x floor, etta peak memory <= 1.5 x plain. Peak memory is torch's
+Goals: etta time <= 1.1 x floor, etta peak memory <= 1.5 x plain. Peak memory is torch's
 own allocator accounting (CUDA: ``max_memory_allocated``; CPU: the profiler's allocation events),
 measured in separate runs from the times (the profiler slows the run down).
 Prints one JSON line per K.
