@@ -192,7 +192,7 @@ def summarise(results: dict[str, dict[str, dict]], arm: str) -> dict[str, Any]:
 
 #: the sweep's shifted cases: the strongest severity of each kind (both directions of gamma, lower contrast), seed 0
 SWEEP_CASES = ("gamma_0.5", "gamma_2", "bias_0.2_s0", "noise_0.1_s0", "contrast_0.6", "thick_3")
-# sweep: one ETTA setting per entry, the library's defaults overridden (balance explicit: its default is on); seed 0 of the random shifts
+# sweep: one ETTA setting per entry, the library's defaults overridden (balance given in every entry); seed 0 of the random shifts
 SWEEP: list[dict[str, Any]] = [  # most informative first: a sweep cut short still answers the main questions
     {"optimizer": "sgd", "lr": 1e-3, "steps": 3, "balance": False},
     {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False},

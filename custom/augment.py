@@ -111,4 +111,3 @@ class RandDistendOrgand(RandomizableTransform, MapTransform):
             return 1
         sx, _, sz = (float(p) for p in np.asarray(pixdim)[:3])
         return max(1, round(sx / sz))
-

@@ -40,7 +40,7 @@ CONFIGS = BUNDLE / "configs"
 #: instead of 2.9 s on 2 cores (``benchmarks/train_step.py``), most of it having been attention over 343-token windows
 SMALL = {"feature_size": 12, "network_def#window_size": 4, "roi_size": [64, 64, 32], "pixdim": [6.0, 6.0, 3.0],
          "num_workers": 0, "sw_batch_size": 2}
-STOMACH = next(i for i, name in BTCV_LABELS.items() if name == "stomach")
+STOMACH = next(i for i, name in BTCV_LABELS.items() if name == "stomach")  # its BTCV id, for DISTEND_STOMACH
 #: the CPU training recipe: overrides of train.json on top of SMALL: one crop per step, 30x the bundle's rate
 #: (minutes, not days), no validation, stronger augmentation; ``epochs`` is set by :func:`train_small` from its budget
 TRAIN_SMALL: dict[str, Any] = {
@@ -270,7 +270,6 @@ def organ_dice(pred: np.ndarray, ref: np.ndarray, labels: dict[int, str]) -> dic
 
 def step_report(demo: Demo) -> None:
     import nibabel as nib
-
 
     pred = np.asarray(nib.load(demo.prediction).dataobj)
     ref = np.asarray(nib.load(demo.held_out["label"]).dataobj)
