@@ -34,6 +34,7 @@ clean and MR), the final evaluation on every severity and all three seeds (23 ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -113,7 +114,8 @@ def source_model(model: str | None, iterations: int, seed: int) -> tuple[torch.n
         raise SystemExit(f"error: {path}: no such checkpoint. Fix: give --model an existing model.pt, or leave it out")
     if not path.exists():
         log(f"training the source model with the demo's CPU recipe for {iterations} iterations -> {path} (cached for later runs)")
-        train_small(path, iterations=iterations, seed=seed, progress_every=50, distend_stomach=True)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON lines only
+            train_small(path, iterations=iterations, seed=seed, progress_every=50, distend_stomach=True)
     net = load_small(path)
     return net.eval(), {"source": str(path), "roi": list(SMALL["roi_size"]), "pixdim": list(SMALL["pixdim"])}
 
