@@ -10,8 +10,8 @@ ones with a wider band (``partial_eps``; ``inf`` never judges them). Two excepti
 cut only removes volume: an organ the cohort rarely sees cut (fewer partial masks than ``min_samples``)
 has its partial masks judged against its whole ones, and a partial mask larger in mL than the whole
 masks' band gets one more outlier vote. One feature alone rejects a whole mask only when it is gross: a
-normalised volume ``gross_volume_bands`` bands out (3 x eps robust SDs: a third or three times the usual
-organ, whatever its shape). Everything here works on pandas tables: the reduce over
+normalised volume ``gross_volume_bands`` eps-bands from the median (6 robust SDs at eps 2), whatever its
+shape. Everything here works on pandas tables: the reduce over
 51,761 x 72 rows is small.
 """
 
@@ -171,7 +171,8 @@ def decide(
     d["partial_too_large"] = too_large
     votes += too_large
     d["outliers"] = votes
-    # a third or three times the usual organ is wrong whatever its shape; a cut organ is judged by its votes
+    # that far out in volume a whole organ is wrong whatever its shape (truncation, under-segmentation keep
+    # a normal shape); a cut organ is smaller by nature and is judged by its votes
     centre = (d["norm_volume_lo"] + d["norm_volume_hi"]) / 2
     half = (d["norm_volume_hi"] - d["norm_volume_lo"]) / 2
     gross = (fitted & ~d["partial"] & ((d["norm_volume"] - centre).abs() > gross_volume_bands * half)).to_numpy(dtype=bool)
