@@ -20,6 +20,7 @@ from torch import nn
 
 from custom.etta import (
     EntropyTTAInferer,
+    IntensityCurve,
     ETTAStatsHandler,
     FlipTTAInferer,
     added_norm_affines,
@@ -27,6 +28,7 @@ from custom.etta import (
     entropy_loss_weights,
     entropy_weights,
     fused_window_attention,
+    intensity_curve,
     norm_affine_parameters,
     sigmoid_entropy,
     softmax_entropy,
@@ -131,7 +133,10 @@ def test_adapted_parameters_are_the_norm_affines():
 def test_network_without_affine_norm_is_refused():
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.Conv3d(4, 2, 1))
     with pytest.raises(ValueError, match="nothing to adapt"):
-        EntropyTTAInferer(roi_size=16, steps=1, params="affine")(torch.rand(1, 1, 16, 16, 16), net)
+        EntropyTTAInferer(roi_size=16, steps=1, params="affine", intensity_curve=False)(torch.rand(1, 1, 16, 16, 16), net)
+    curve_only = EntropyTTAInferer(roi_size=16, steps=1, params="affine")  # the input's intensity curve is left to adapt
+    curve_only(torch.rand(1, 1, 16, 16, 16), net)
+    assert curve_only.pop_records()[0]["adapted_parameters"] == 3  # gamma, scale, shift of the one channel
     with pytest.raises(ValueError):
         EntropyTTAInferer(roi_size=16, activation="relu")
 
@@ -267,8 +272,37 @@ def test_default_adapts_instance_norms_and_affine_option_does_not():
     with torch.no_grad():
         default(x, net)
     rec = default.pop_records()[0]
-    assert rec["adapted_parameters"] == 8 and rec["entropy"][-1] < rec["entropy"][0] - 1e-4
+    assert rec["adapted_parameters"] == 8 + 3 and rec["entropy"][-1] < rec["entropy"][0] - 1e-4
     assert net[1].weight is None and net[1].bias is None and "weight" in net[1]._parameters
+
+
+# ------------------------------------------------------------------------------ intensity curve
+def test_intensity_curve_is_the_identity_at_start_and_inverts_a_gamma():
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(1, 2, 6, 6, 6, generator=g)
+    y[0, 0, 0, 0, 0], y[0, 0, -1, -1, -1] = 0.0, 1.0  # channel 0 spans [0, 1]
+    y[0, 1] = 3.0  # a constant channel
+    curve = IntensityCurve.from_volume(y)
+    assert curve.lo.tolist() == [0.0, 3.0] and curve.hi.tolist() == [1.0, 3.0]
+    outside = torch.cat([y, torch.full_like(y[..., :1], -0.25)], -1)  # a window's padding below the range
+    assert torch.equal(curve(outside), outside)  # bit for bit: step 0 is the source model
+    squared = y.clone()
+    squared[:, 0] = y[:, 0] ** 2  # a gamma-2 shift of channel 0
+    with torch.no_grad():
+        curve.log_gamma[0] = math.log(0.5)
+    assert torch.allclose(curve(squared)[:, 0], y[:, 0], atol=1e-6) and torch.equal(curve(squared)[:, 1], y[:, 1])
+    # scale and shift act on the range: lo + (hi - lo) * (a * u ** g + b)
+    x = 10.0 + 40.0 * y[:, :1]  # range [10, 50]
+    out = intensity_curve(x, torch.tensor([10.0]), torch.tensor([50.0]), torch.tensor([math.log(2.0)]), torch.tensor([math.log(0.5)]), torch.tensor([0.1]))
+    assert torch.allclose(out, 10.0 + 40.0 * (0.5 * y[:, :1] ** 2 + 0.1), atol=1e-5)
+
+
+def test_intensity_curve_gradient_is_finite_where_the_image_is_at_its_minimum():
+    x = torch.linspace(0, 1, 64).reshape(1, 1, 4, 4, 4)  # 0 included: u ** g has no gradient in g there
+    curve = IntensityCurve.from_volume(x)
+    (curve(x) ** 2).sum().backward()
+    grads = [p.grad for p in curve.parameters()]
+    assert all(torch.isfinite(gr).all() for gr in grads) and all(float(gr.abs().min()) > 1e-3 for gr in grads)
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +330,8 @@ def test_etta_lowers_entropy_of_a_trained_model_on_shifted_ct(trained_swin, ct_c
     """With the InstanceNorm affines the entropy moves; with the LayerNorms alone (the old method) it does not."""
     x = shift(ct_crop[0])[..., 16:80]
     drops = {}
-    for name, kw in (("default", {}), ("affine", {"params": "affine", "optimizer": "sgd"}), ("old_default", {"optimizer": "sgd"})):
+    old = {"optimizer": "sgd", "intensity_curve": False}  # the methods before: norms only
+    for name, kw in (("default", {}), ("affine", {"params": "affine", **old}), ("old_default", old)):
         etta = EntropyTTAInferer(ROI, **kw)
         with torch.no_grad():
             etta(x, trained_swin)
@@ -313,13 +348,32 @@ def test_sham_etta_equals_plain(trained_swin, ct_crop):
 
     x = shift(ct_crop[0])
     kw = dict(roi_size=ROI, overlap=0.5, mode="gaussian")
-    sham = EntropyTTAInferer(**kw, steps=3, lr=0.0)
+    sham = EntropyTTAInferer(**kw, steps=3, lr=0.0, intensity_lr=0.0)
     with torch.no_grad():
         p_sham = sham(x, trained_swin).exp()
         p_plain = SlidingWindowInferer(**kw)(x, trained_swin).softmax(1)
     rec = sham.pop_records()[0]
     assert np.allclose(rec["weights"], 0.25) and len(set(rec["entropy"])) == 1
     assert torch.allclose(p_sham, p_plain, atol=1e-5)
+
+
+def test_intensity_curve_undoes_a_gamma_shift_and_carries_over_online(trained_swin, ct_crop):
+    """On a gamma-2 copy of the CT the curve alone (the norms frozen: lr 0) moves gamma below 1 and lowers the
+    entropy; online, the curve's parameters carry over to the next volume and reset() forgets them."""
+    x = ct_crop[0][..., 16:80] ** 2
+    etta = EntropyTTAInferer(ROI, lr=0.0, online=True)
+    with torch.no_grad():
+        etta(x, trained_swin)
+        first = etta.pop_records()[0]
+        etta(x, trained_swin)
+        second = etta.pop_records()[0]
+    print("gamma-2 input, curve alone: entropy", first["entropy"], "curve", first["intensity_curve"])
+    assert first["intensity_curve"]["gamma"][0] < 0.9 and first["entropy"][-1] < first["entropy"][0] - 1e-3
+    assert second["entropy"][0] < first["entropy"][0] - 1e-3  # the second volume starts from the adapted curve
+    etta.reset()
+    with torch.no_grad():
+        etta(x, trained_swin)
+    assert etta.pop_records()[0]["entropy"][0] == first["entropy"][0]  # the source model again
 
 
 # -------------------------------------------------------------------------------- loss options
@@ -411,7 +465,7 @@ def test_relative_tau_and_floor_on_w0():
 def test_combination_is_the_weighted_sum_of_the_candidates(kw):
     """Candidates P_0..P_2 from online runs with 0, 1, 2 steps; ETTA's output is sum_k w_k P_k with the recorded weights."""
     net, x = conv_net(out_ch=3, seed=1), torch.rand(1, 1, 24, 24, 24) * 3
-    base = dict(roi_size=16, overlap=0.5, lr=0.5)
+    base = dict(roi_size=16, overlap=0.5, lr=0.5, intensity_curve=False)  # the candidates come from the network alone
     candidates = []
     for k in range(3):
         online = EntropyTTAInferer(**base, steps=k, online=True, tau=1e9)
@@ -595,7 +649,7 @@ def test_online_keeps_adaptation_and_tiny_tau_returns_lowest_entropy_candidate()
     from monai.inferers import SlidingWindowInferer
 
     net, x = conv_net(out_ch=3, seed=1), torch.rand(1, 1, 24, 24, 24) * 3
-    kw = dict(roi_size=16, overlap=0.5, steps=2, lr=0.5)
+    kw = dict(roi_size=16, overlap=0.5, steps=2, lr=0.5, intensity_curve=False)  # the adapted state is in the network alone
     episodic = EntropyTTAInferer(tau=1e-9, **kw)
     with torch.no_grad():
         picked = episodic(x, net).exp()
@@ -731,7 +785,7 @@ def test_inside_supervised_evaluator_with_stats_handler(ct_crop, caplog):
     assert m["etta_weight_0"] + m["etta_weight_1"] == pytest.approx(1.0)
     assert 0.0 <= m["val_mean_dice"] <= 1.0
     lines = [r.getMessage() for r in caplog.records if r.name == "ETTA"]
-    assert len(lines) == 2 and "ct_shifted.nii.gz" in lines[1] and "->" in lines[1]
+    assert len(lines) == 2 and "ct_shifted.nii.gz" in lines[1] and "->" in lines[1] and "intensity curve gamma [" in lines[1]
     assert same_state(swin, snap)
 
 
@@ -773,7 +827,8 @@ def test_bundle_chooses_etta_by_flag(bundle):
         assert isinstance(etta, EntropyTTAInferer), files
         assert list(etta.roi_size) == list(plain.roi_size) and etta.overlap == plain.overlap
         assert etta.sw_batch_size == plain.sw_batch_size and etta.mode == plain.mode
-        assert (etta.steps, etta.optimizer, etta.lr, etta.balance, etta.tau, etta.activation) == (3, "adam", 1e-3, False, 0.01, activation)
+        assert (etta.steps, etta.optimizer, etta.lr, etta.balance, etta.tau, etta.activation) == (5, "adam", 1e-3, False, 0.01, activation)
+        assert (etta.intensity_curve, etta.intensity_lr) == (True, 0.1)
         assert any(h["_target_"] == "custom.etta.ETTAStatsHandler" for h in default[handlers_id])
         assert default.get_parsed_content("output_dir") != etta_parser.get_parsed_content("output_dir")
         tta_parser = _parsed(bundle, files, None)

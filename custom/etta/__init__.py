@@ -2,6 +2,7 @@
 
 - :mod:`custom.etta.entropy`: entropies, loss options (margin, class balancing), candidate weights;
 - :mod:`custom.etta.norms`: the adapted parameters (existing norm affines, added identity affines);
+- :mod:`custom.etta.intensity`: the adapted input intensity curve (gamma, scale, shift per channel);
 - :mod:`custom.attention`: memory-saving Swin window attention for the backward pass;
 - :mod:`custom.etta.windows`: the sliding-window plan (MONAI's geometry);
 - :mod:`custom.etta.inferer`: :class:`EntropyTTAInferer`, :class:`FlipTTAInferer`;
@@ -12,6 +13,7 @@ from custom.attention import fused_window_attention
 from custom.etta.entropy import entropy_loss_weights, entropy_weights, sigmoid_entropy, softmax_entropy, weighted_entropy_sum
 from custom.etta.handler import ETTAStatsHandler
 from custom.etta.inferer import EntropyTTAInferer, FlipTTAInferer
+from custom.etta.intensity import IntensityCurve, intensity_curve
 from custom.etta.norms import added_norm_affines, affineless_norms, checkpointed_input_blocks, norm_affine_parameters
 from custom.etta.windows import WindowPlan
 
@@ -19,6 +21,7 @@ __all__ = [
     "ETTAStatsHandler",
     "EntropyTTAInferer",
     "FlipTTAInferer",
+    "IntensityCurve",
     "WindowPlan",
     "added_norm_affines",
     "affineless_norms",
@@ -26,6 +29,7 @@ __all__ = [
     "entropy_loss_weights",
     "entropy_weights",
     "fused_window_attention",
+    "intensity_curve",
     "norm_affine_parameters",
     "sigmoid_entropy",
     "softmax_entropy",

@@ -1,4 +1,4 @@
-"""Ignite handler for ETTA's per-volume statistics (entropies before/after, weights, time)."""
+"""Ignite handler for ETTA's per-volume statistics (entropies before/after, weights, intensity curve, time)."""
 
 from __future__ import annotations
 
@@ -52,11 +52,12 @@ class ETTAStatsHandler:
             history = engine.state.etta = []
         for rec in inferer.pop_records():
             history.append(rec)
-            h = rec["entropy"]
+            h, curve = rec["entropy"], rec.get("intensity_curve")
+            curve_text = f", intensity curve gamma {curve['gamma']} scale {curve['scale']} shift {curve['shift']}" if curve else ""
             self.logger.info(
                 f"ETTA volume {len(history)}{' (' + rec['name'] + ')' if rec['name'] else ''}: "
                 f"entropy {h[0]:.4f} -> {h[-1]:.4f} after {rec['steps']} steps, combined {rec['entropy_final']:.4f}, "
-                f"weights [{' '.join(f'{w:.3f}' for w in rec['weights'])}], {rec['time_s']:.1f} s"
+                f"weights [{' '.join(f'{w:.3f}' for w in rec['weights'])}]{curve_text}, {rec['time_s']:.1f} s"
             )
         if not history:
             return

@@ -7,7 +7,9 @@ For every input volume it
    that have them (LayerNorm in Swin-UNETR) and, with ``params="norm"`` (default), a per-channel
    scale (1) and shift (0) added to every layer without (Swin-UNETR's InstanceNorms, see
    :mod:`custom.etta.norms`), so step 0 is the source model exactly; ``params="affine"`` adapts only
-   the existing affines;
+   the existing affines; with ``intensity_curve=True`` (default) also a per-channel gamma, scale and
+   shift of the input image (:mod:`custom.etta.intensity`, identity at step 0), which undoes global
+   intensity changes the network's norms cannot;
 2. runs K sliding-window passes; each pass back-propagates the entropy loss (:mod:`custom.etta.entropy`:
    mean entropy, optional confidence margin and class balancing) window by window (gradients
    accumulate, no graph ever spans the stitched volume), stitches that pass's prediction P_k from the
@@ -29,8 +31,9 @@ through ``torch.nn.functional.scaled_dot_product_attention`` during ETTA's passe
 matrices or biases, which were most of the graph. (2) The entropy loss is one autograd function
 (:func:`~custom.etta.entropy.weighted_entropy_sum`) whose backward keeps only log P (softmax) or the
 logits (sigmoid). (3) The added affines give the block fed by the image (Swin-UNETR's full-resolution
-``encoder1``) a graph it did not have; ``checkpoint_input_blocks=True`` (default) recomputes its
-activations in the backward pass instead of keeping them. Measured with ``benchmarks/etta_cost.py``
+``encoder1``) a graph it did not have, which the intensity curve extends down to the image;
+``checkpoint_input_blocks=True`` (default) recomputes its activations in the backward pass instead of
+keeping them. Measured with ``benchmarks/etta_cost.py``
 (``docs/etta.md``).
 
 :class:`FlipTTAInferer` is the paper's "plain TTA" baseline: the mean of an inner inferer's
@@ -50,6 +53,7 @@ prediction. The recorded H_k are always the exact entropies of the stitched pred
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -66,6 +70,7 @@ from torch import nn
 
 from custom.attention import fused_window_attention
 from custom.etta.entropy import entropy_loss_weights, entropy_weights, prob_entropy_mean, weighted_entropy_sum
+from custom.etta.intensity import IntensityCurve
 from custom.etta.norms import added_norm_affines, checkpointed_input_blocks, norm_affine_parameters
 from custom.etta.windows import WindowPlan
 from custom.inferers import float_dtype
@@ -130,6 +135,19 @@ class _Combination:
         return out, w
 
 
+@dataclasses.dataclass
+class _OnlineState:
+    """What online mode carries from one volume to the next."""
+
+    network: nn.Module
+    existing: list[nn.Parameter]  # the network's own norm affines ...
+    source: list[torch.Tensor]  # ... and their source values, for reset()
+    added: list[nn.Parameter] | None
+    curve: IntensityCurve | None
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+
+
 # ----------------------------------------------------------------------------------- ETTA
 class EntropyTTAInferer(Inferer):
     """Sliding-window inference with entropy test-time adaptation of the normalisation layers.
@@ -143,6 +161,8 @@ class EntropyTTAInferer(Inferer):
         roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval, sw_device, device,
             progress: as in :class:`monai.inferers.SlidingWindowInferer`.
         steps: K, adaptation steps (optimiser steps) per volume; 0 gives plain sliding-window inference.
+            The defaults (K = 5, Adam lr 1e-3 for the norms and 0.1 for the intensity curve, plain mean entropy,
+            tau 0.01, no floor) are the best setting of ``benchmarks/etta_shift.py``'s two sweeps (docs/etta.md).
         optimizer: ``"adam"`` (default: ``torch.optim.Adam(lr)``), ``"sgd"`` (``torch.optim.SGD(lr, momentum)``)
             or a ``params -> torch.optim.Optimizer`` (e.g. a bundle config's
             ``{"_target_": "torch.optim.Adam", "_partial_": true, "lr": 1e-4}``), which overrides lr/momentum.
@@ -154,6 +174,12 @@ class EntropyTTAInferer(Inferer):
         activation: ``"softmax"`` (multi-class) or ``"sigmoid"`` (multi-label, e.g. BraTS TC/WT/ET).
         params: ``"norm"``: every normalisation layer's scale and shift, added (identity) where a layer
             has none; ``"affine"``: only the existing affine parameters.
+        intensity_curve: also adapt a per-channel gamma, scale and shift of the input image over its range
+            (:class:`custom.etta.intensity.IntensityCurve`), with its own learning rate ``intensity_lr``
+            (a parameter group of the optimiser). On by default: on the held-out patient of
+            ``benchmarks/etta_shift.py`` it is what recovers the Dice that intensity shifts cost (docs/etta.md).
+        intensity_lr: learning rate of the intensity curve's parameters (log gamma, log scale, shift in units
+            of the range).
         margin: confidence margin of the loss: only voxels with entropy below ``margin * log C``
             (sigmoid: elements below ``margin * log 2``) count; None: all voxels.
         balance: balance the loss over predicted classes (:func:`custom.etta.entropy.entropy_loss_weights`), so the
@@ -168,7 +194,7 @@ class EntropyTTAInferer(Inferer):
             ETTA's passes (same output up to float rounding, no attention matrices kept for the backward
             pass); the network's own forward is back after every volume.
         checkpoint_input_blocks: with ``params="norm"``, recompute in the backward pass the activations of
-            the network's top-level blocks that have added affines but inputs without gradients (Swin-UNETR's
+            the network's top-level blocks that have added affines and are fed by the image (Swin-UNETR's
             full-resolution ``encoder1``) instead of keeping them (:func:`custom.etta.norms.checkpointed_input_blocks`).
         buffer_dtype: dtype of the output-sized buffers (the current pass and the running combination;
             ``"float16"`` halves their memory, as the streaming inferer's ``buffer_dtype``); the windows'
@@ -190,7 +216,7 @@ class EntropyTTAInferer(Inferer):
         sw_device: torch.device | str | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
-        steps: int = 3,
+        steps: int = 5,
         lr: float = 1e-3,
         momentum: float = 0.9,
         optimizer: str | Callable[[list[nn.Parameter]], torch.optim.Optimizer] = "adam",
@@ -199,6 +225,8 @@ class EntropyTTAInferer(Inferer):
         w0_floor: float = 0.0,
         activation: str = "softmax",
         params: str = "norm",
+        intensity_curve: bool = True,
+        intensity_lr: float = 0.1,
         margin: float | None = None,
         balance: bool = False,
         online: bool = False,
@@ -234,13 +262,13 @@ class EntropyTTAInferer(Inferer):
         self.steps, self.lr, self.momentum, self.optimizer = int(steps), lr, momentum, optimizer
         self.tau, self.tau_relative, self.w0_floor = tau, bool(tau_relative), float(w0_floor)
         self.activation, self.params, self.margin, self.balance = activation, params, margin, bool(balance)
+        self.intensity_curve, self.intensity_lr = bool(intensity_curve), float(intensity_lr)
         self.online, self.adapt_fraction, self.amp = online, adapt_fraction, amp
         self.fused_attention, self.checkpoint_input_blocks = bool(fused_attention), bool(checkpoint_input_blocks)
         self.buffer_dtype = float_dtype(buffer_dtype)
         self.record_candidates = bool(record_candidates)
         self.records: list[dict[str, Any]] = []  # one per volume since the last pop_records()
-        # online mode: (network, existing affines, their source values, added affines, optimiser, scaler)
-        self._online: tuple[nn.Module, list[nn.Parameter], list[torch.Tensor], list[nn.Parameter] | None, torch.optim.Optimizer, Any] | None = None
+        self._online: _OnlineState | None = None
 
     # -------------------------------------------------------------------------- public API
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -265,27 +293,30 @@ class EntropyTTAInferer(Inferer):
         return records
 
     def reset(self) -> None:
-        """Online mode: put the source parameters back and forget the added affines and the optimiser state."""
+        """Online mode: put the source parameters back and forget the added affines, the intensity curve
+        and the optimiser state."""
         if self._online is not None:
-            _, params, source, _, _, _ = self._online
             with torch.no_grad():
-                for p, v in zip(params, source):
+                for p, v in zip(self._online.existing, self._online.source):
                     p.copy_(v)
             self._online = None
 
     # ------------------------------------------------------------------------- internals
-    def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def _make_optimizer(self, params: list[nn.Parameter], curve: IntensityCurve | None) -> torch.optim.Optimizer:
+        groups = [{"params": params}] if params else []
+        if curve is not None:
+            groups.append({"params": list(curve.parameters()), "lr": self.intensity_lr})
         if callable(self.optimizer):
-            return self.optimizer(params)
+            return self.optimizer(groups)
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr)
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+            return torch.optim.Adam(groups, lr=self.lr)
+        return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
 
-    def _online_state(self, network: nn.Module):
+    def _online_state(self, network: nn.Module) -> _OnlineState | None:
         """Online mode: the carried-over state when it belongs to ``network``, else None (and a reset)."""
         if not self.online:
             return None
-        if self._online is not None and self._online[0] is network:
+        if self._online is not None and self._online.network is network:
             return self._online
         self.reset()
         return None
@@ -315,12 +346,20 @@ class EntropyTTAInferer(Inferer):
             added: list[nn.Parameter] = []
             if self.params == "norm" and self.steps > 0:
                 stack.enter_context(checkpointed_input_blocks(network, self.checkpoint_input_blocks))  # finds the affine-less blocks
-                added = stack.enter_context(added_norm_affines(network, carried[3] if carried else None))
+                added = stack.enter_context(added_norm_affines(network, carried.added if carried else None))
             params = existing + added
-            if self.steps > 0 and not params:
+            curve = None
+            if self.intensity_curve and self.steps > 0:
+                if carried is not None:
+                    curve = carried.curve
+                    curve.set_range(x)  # the parameters carry over, the range is this volume's
+                else:
+                    curve = IntensityCurve.from_volume(x).to(sw_device)
+            if self.steps > 0 and not params and curve is None:
                 raise ValueError(
                     f"{type(network).__name__} has no normalisation layer with a scale and shift to adapt "
-                    f"(params={self.params!r}): ETTA has nothing to adapt. Use steps=0, params='norm' or a network with one."
+                    f"(params={self.params!r}): ETTA has nothing to adapt. Use steps=0, params='norm', intensity_curve=True "
+                    "or a network with one."
                 )
             network.eval()
             for p, _ in flags:
@@ -330,17 +369,21 @@ class EntropyTTAInferer(Inferer):
             opt, scaler = None, None
             if self.steps > 0:
                 if carried is not None:
-                    opt, scaler = carried[4], carried[5]
+                    opt, scaler = carried.optimizer, carried.scaler
                 else:
-                    opt = self._make_optimizer(params)
+                    opt = self._make_optimizer(params, curve)
                     scaler = torch.amp.GradScaler("cuda") if use_amp else None
                     if self.online:
-                        self._online = (network, existing, [p.detach().clone() for p in existing], added, opt, scaler)
+                        self._online = _OnlineState(network, existing, [p.detach().clone() for p in existing], added, curve, opt, scaler)
+
+            def model(window: torch.Tensor, *a: Any, **kw: Any) -> torch.Tensor:
+                return network(curve(window) if curve is not None else window, *a, **kw)
+
             for k in range(self.steps + 1):
                 backprop = k < self.steps
                 if backprop:
                     opt.zero_grad(set_to_none=True)
-                prob = self._pass(network, plan, adapt if backprop else set(), mass, scaler, sw_device, device, use_amp, *args, **kwargs)
+                prob = self._pass(model, plan, adapt if backprop else set(), mass, scaler, sw_device, device, use_amp, *args, **kwargs)
                 if self.record_candidates:
                     candidates.append(prob.detach().cpu().clone())
                 combination.add(prob, prob_entropy_mean(prob, self.activation))
@@ -366,7 +409,8 @@ class EntropyTTAInferer(Inferer):
                 "windows": n_win,
                 "adapted_windows": len(adapt) if self.steps else 0,
                 "steps": self.steps,
-                "adapted_parameters": int(sum(p.numel() for p in params)) if self.steps else 0,
+                "adapted_parameters": sum(p.numel() for p in itertools.chain(params, curve.parameters() if curve is not None else ())) if self.steps else 0,
+                "intensity_curve": curve.values() if curve is not None else None,
             }
         )
         if self.record_candidates:

@@ -91,29 +91,41 @@ def added_norm_affines(network: nn.Module, params: Sequence[nn.Parameter] | None
             m.register_parameter("bias", None)
 
 
-def _checkpointed_forward(self, *args, **kwargs):
-    """The module's class ``forward`` under activation checkpointing when gradients are on and no input needs them."""
-    forward = type(self).forward.__get__(self)
-    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-    if torch.is_grad_enabled() and not any(t.requires_grad for t in tensors):
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
-
-
 @contextlib.contextmanager
 def checkpointed_input_blocks(network: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Within the block, the direct children of ``network`` that hold an affine-less norm layer recompute
-    their activations in the backward pass when called on inputs that need no gradient; yields how many.
+    their activations in the backward pass when fed by the network's input or by tensors that need no
+    gradient; yields how many.
 
     Such a block (Swin-UNETR's ``encoder1``, fed by the image) had no graph at all before its norm layers
     got adaptable affines; now its full-resolution activations would be kept for the backward pass,
     although that block's backward runs last, when the rest of the graph is already freed. Checkpointing
     it keeps only its input; the recomputation is one forward of that block per adapted window, and the
-    result is bit-identical. Blocks whose inputs need gradients are left alone. The modules' ``forward``
-    is put back on exit, also on an exception.
+    result is bit-identical. The network's input may need gradients (ETTA's intensity curve); blocks fed by
+    other tensors that need them (the decoder) are left alone. The modules' ``forward`` is put back on
+    exit, also on an exception.
     """
     modules = [m for m in network.children() if affineless_norms(m)] if enabled else []
-    with patched_forward(modules, _checkpointed_forward) as count:
-        yield count
+    network_input: list[torch.Tensor] = []
+
+    def remember_input(_module: nn.Module, args: tuple) -> None:
+        network_input[:] = [a for a in args if isinstance(a, torch.Tensor)]
+
+    def forward(self: nn.Module, *args, **kwargs):
+        class_forward = type(self).forward.__get__(self)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        fed_by_input = all(not t.requires_grad or any(t is i for i in network_input) for t in tensors)
+        if torch.is_grad_enabled() and fed_by_input:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(class_forward, *args, use_reentrant=False, **kwargs)
+        return class_forward(*args, **kwargs)
+
+    hook = network.register_forward_pre_hook(remember_input) if modules else None
+    try:
+        with patched_forward(modules, forward) as count:
+            yield count
+    finally:
+        if hook is not None:
+            hook.remove()
+        network_input.clear()
