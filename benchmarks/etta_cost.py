@@ -187,12 +187,14 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
 
 def window_backward_pass(net: torch.nn.Module, x: torch.Tensor, inferer: EntropyTTAInferer) -> None:
     """One bare pass over the inferer's windows: forward with gradients on the parameters ETTA adapts (with
-    ``params="norm"`` the identity affines added to affine-less norms too), backward, nothing else."""
-    from custom.etta import WindowPlan, added_norm_affines
+    ``params="norm"`` the identity affines added to affine-less norms too; with ``intensity_curve`` the input's
+    curve, so the backward reaches the image), backward, nothing else."""
+    from custom.etta import IntensityCurve, WindowPlan, added_norm_affines
 
     plan = WindowPlan(x, inferer.roi_size, inferer.overlap, inferer.mode, inferer.sigma_scale, inferer.padding_mode, inferer.cval, x.device, x.device)
     flags = [(p, p.requires_grad) for p in net.parameters()]
     use_amp = x.device.type == "cuda"
+    curve = IntensityCurve.from_volume(x).to(x.device) if inferer.intensity_curve else torch.nn.Identity()
     with added_norm_affines(net) if inferer.params == "norm" else contextlib.nullcontext():
         params = norm_affine_parameters(net)  # the added affines are the layers' weight / bias here
         for p, _ in flags:
@@ -203,7 +205,7 @@ def window_backward_pass(net: torch.nn.Module, x: torch.Tensor, inferer: Entropy
             for start in range(0, len(plan.slices), inferer.sw_batch_size):
                 win = plan.window(range(start, min(start + inferer.sw_batch_size, len(plan.slices))), x.device)
                 with torch.enable_grad(), torch.autocast("cuda", enabled=use_amp):
-                    net(win).float().mean().backward()
+                    net(curve(win)).float().mean().backward()
         finally:
             for p, f in flags:
                 p.requires_grad_(f)
@@ -223,6 +225,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the timed arms (the minimum is kept)")
     ap.add_argument("--no_fused_attention", action="store_true", help="all arms with MONAI's default window attention")
     ap.add_argument("--params", choices=("norm", "affine"), default="norm", help="ETTA's adapted parameters (default: the inferer's default)")
+    ap.add_argument("--intensity_curve", action=argparse.BooleanOptionalAction, default=True, help="ETTA adapts the input's intensity curve (default)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args()
 
@@ -253,7 +256,7 @@ def main() -> None:
     run_plain()
     _, m_plain = peak_memory(run_plain, device)
     for k in [int(s) for s in args.steps.split(",")]:
-        etta = EntropyTTAInferer(steps=k, fused_attention=fused, params=args.params, **sw_kw)
+        etta = EntropyTTAInferer(steps=k, fused_attention=fused, params=args.params, intensity_curve=args.intensity_curve, **sw_kw)
 
         def run_floor_backward() -> None:
             with fused_window_attention(net, fused):
@@ -294,6 +297,7 @@ def main() -> None:
                     "steps": k,
                     "fused_attention": fused,
                     "params": args.params,
+                    "intensity_curve": args.intensity_curve,
                     "repeats": args.repeats,
                     "plain_s": round(t_plain, 2),
                     "floor_s": round(t_floor, 2),

@@ -27,7 +27,8 @@ patient: ``--sweep`` runs on :data:`SWEEP_CASES` (the strongest severity of each
 clean and MR), the final evaluation on every severity and all three seeds (23 cases).
 
     python benchmarks/etta_shift.py [--model PATH] [--train_iterations 1000] [--arms plain,etta,sham,flip_tta]
-        [--optimizer adam --lr 1e-3 --steps 3 --params norm --margin 0.4 --balance --tau 0.01 --w0_floor 0.5]
+        [--optimizer adam --lr 1e-3 --steps 5 --params norm --no-intensity_curve --intensity_lr 0.1 --margin 0.4
+         --balance --tau 0.01 --w0_floor 0.5]
     python benchmarks/etta_shift.py --sweep        # the settings of SWEEP, summary lines only
 """
 
@@ -121,22 +122,22 @@ def source_model(model: str | None, iterations: int, seed: int) -> tuple[torch.n
 
 
 # ---------------------------------------------------------------------------------- the arms
-ETTA_OPTIONS = ("optimizer", "lr", "steps", "params", "margin", "balance", "tau", "tau_relative", "w0_floor")
+ETTA_OPTIONS = ("optimizer", "lr", "steps", "params", "intensity_curve", "intensity_lr", "margin", "balance", "tau", "tau_relative", "w0_floor")
 
 
 def etta_inferer(setting: dict[str, Any], sw_kw: dict[str, Any], lr_zero: bool = False, record: bool = True):
     """An ``EntropyTTAInferer`` with the library's defaults overridden by ``setting`` (keys of :data:`ETTA_OPTIONS`);
-    ``lr_zero``: the same with lr 0 (sham)."""
+    ``lr_zero``: the same with both learning rates 0 (sham)."""
     from custom.etta import EntropyTTAInferer
 
     kw = {k: v for k, v in setting.items() if k in ETTA_OPTIONS and v is not None}
     if lr_zero:
-        kw["lr"] = 0.0
+        kw["lr"] = kw["intensity_lr"] = 0.0
     return EntropyTTAInferer(record_candidates=record, **kw, **sw_kw)
 
 
 def setting_name(setting: dict[str, Any]) -> str:
-    return "etta" + "".join(f"_{k}{v}" if not isinstance(v, bool) else f"_{k}" for k, v in setting.items() if v not in (None, False)) if setting else "etta_defaults"
+    return "etta" + "".join(f"_{k}{v}" if not isinstance(v, bool) else f"_{k}" if v else f"_no_{k}" for k, v in setting.items() if v is not None) if setting else "etta_defaults"
 
 
 def run_case(net, x: torch.Tensor, label: torch.Tensor, spacing, arms: dict, etta_arm: str | None) -> dict[str, dict]:
@@ -151,7 +152,8 @@ def run_case(net, x: torch.Tensor, label: torch.Tensor, spacing, arms: dict, ett
         row: dict[str, Any] = {"scores": scores, "gate_dice": gate_mean(scores), "time_s": round(seconds, 1)}
         if arm == etta_arm or arm == "sham":
             rec = inferer.pop_records()[0]
-            row.update(entropy=[round(h, 5) for h in rec["entropy"]], weights=[round(w, 3) for w in rec["weights"]])
+            row.update(entropy=[round(h, 5) for h in rec["entropy"]], weights=[round(w, 3) for w in rec["weights"]],
+                       intensity_curve=rec["intensity_curve"])
             cands = rec.pop("candidates", [])
             if arm == etta_arm and cands:
                 cand_scores = [organ_scores(c.argmax(1)[0], label, spacing) for c in cands]
@@ -194,22 +196,36 @@ def summarise(results: dict[str, dict[str, dict]], arm: str) -> dict[str, Any]:
 
 #: the sweep's shifted cases: the strongest severity of each kind (both directions of gamma, lower contrast), seed 0
 SWEEP_CASES = ("gamma_0.5", "gamma_2", "bias_0.2_s0", "noise_0.1_s0", "contrast_0.6", "thick_3")
-# sweep: one ETTA setting per entry, the library's defaults overridden (balance given in every entry); seed 0 of the random shifts
+# sweep: one ETTA setting per entry, the library's defaults overridden (balance and the intensity curve given in every
+# entry); seed 0 of the random shifts. The input intensity curve first, then the norm-only settings swept before it existed.
+_CURVE = {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False, "intensity_curve": True}
 SWEEP: list[dict[str, Any]] = [  # most informative first: a sweep cut short still answers the main questions
-    {"optimizer": "sgd", "lr": 1e-3, "steps": 3, "balance": False},
-    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False},
-    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False, "w0_floor": 0.5},
-    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False, "margin": 0.4},
-    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": True},
-    {"optimizer": "adam", "lr": 1e-3, "steps": 1, "balance": False},
-    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False, "tau": 1.0, "tau_relative": True},
-    {"optimizer": "sgd", "lr": 1e-2, "steps": 3, "balance": False},
-    {"optimizer": "adam", "lr": 1e-4, "steps": 3, "balance": False},
-    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False, "params": "affine"},
-    {"optimizer": "adam", "lr": 1e-2, "steps": 3, "balance": False, "w0_floor": 0.5},
-    {"optimizer": "adam", "lr": 1e-3, "steps": 5, "balance": False},
-    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": True, "w0_floor": 0.5},
-    {"optimizer": "adam", "lr": 1e-4, "steps": 3, "balance": True},
+    {**_CURVE, "intensity_lr": 0.05},
+    {**_CURVE, "intensity_lr": 0.05, "lr": 0.0},  # the curve alone, the network's norms frozen
+    {**_CURVE, "intensity_lr": 0.1},
+    {**_CURVE, "intensity_lr": 0.02},
+    {**_CURVE, "intensity_lr": 0.05, "steps": 5},
+    {**_CURVE, "intensity_lr": 0.05, "steps": 1},
+    {**_CURVE, "intensity_lr": 0.05, "w0_floor": 0.5},
+    {**_CURVE, "intensity_lr": 0.05, "balance": True},
+    {**_CURVE, "intensity_lr": 0.05, "params": "affine"},
+    {**_CURVE, "intensity_lr": 0.2},
+    {**_CURVE, "intensity_lr": 0.1, "steps": 5},
+    {**_CURVE, "intensity_lr": 0.1, "w0_floor": 0.5},
+    {"optimizer": "sgd", "lr": 1e-3, "steps": 3, "balance": False, "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False, "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False, "w0_floor": 0.5, "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False, "margin": 0.4, "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": True, "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-3, "steps": 1, "balance": False, "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False, "tau": 1.0, "tau_relative": True, "intensity_curve": False},
+    {"optimizer": "sgd", "lr": 1e-2, "steps": 3, "balance": False, "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-4, "steps": 3, "balance": False, "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": False, "params": "affine", "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-2, "steps": 3, "balance": False, "w0_floor": 0.5, "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-3, "steps": 5, "balance": False, "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-3, "steps": 3, "balance": True, "w0_floor": 0.5, "intensity_curve": False},
+    {"optimizer": "adam", "lr": 1e-4, "steps": 3, "balance": True, "intensity_curve": False},
 ]
 
 
@@ -229,6 +245,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--params", choices=("norm", "affine"), default=None)
+    ap.add_argument("--intensity_curve", action=argparse.BooleanOptionalAction, default=None, help="adapt the input's intensity curve (the default), or --no-intensity_curve")
+    ap.add_argument("--intensity_lr", type=float, default=None)
     ap.add_argument("--margin", type=float, default=None)
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None, help="class-balanced loss, or --no-balance (the default)")
     ap.add_argument("--tau", type=float, default=None)
