@@ -164,8 +164,9 @@ class EntropyTTAInferer(Inferer):
             The defaults (K = 5, Adam lr 1e-3 for the norms and 0.1 for the intensity curve, plain mean entropy,
             tau 0.01, no floor) are the best setting of ``benchmarks/etta_shift.py``'s two sweeps (docs/etta.md).
         optimizer: ``"adam"`` (default: ``torch.optim.Adam(lr)``), ``"sgd"`` (``torch.optim.SGD(lr, momentum)``)
-            or a ``params -> torch.optim.Optimizer`` (e.g. a bundle config's
-            ``{"_target_": "torch.optim.Adam", "_partial_": true, "lr": 1e-4}``), which overrides lr/momentum.
+            or a ``param groups -> torch.optim.Optimizer`` (e.g. a bundle config's
+            ``{"_target_": "torch.optim.Adam", "_partial_": true, "lr": 1e-4}``), which overrides lr/momentum;
+            it receives the norms' group and the intensity curve's (with ``lr=intensity_lr``).
         lr, momentum: of the named optimiser (momentum: SGD only).
         tau: temperature of the candidate weights ``softmax(-H / tau)``, in nats, or with
             ``tau_relative`` in units of the spread ``max_k H_k - min_k H_k``.
@@ -219,7 +220,7 @@ class EntropyTTAInferer(Inferer):
         steps: int = 5,
         lr: float = 1e-3,
         momentum: float = 0.9,
-        optimizer: str | Callable[[list[nn.Parameter]], torch.optim.Optimizer] = "adam",
+        optimizer: str | Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = "adam",
         tau: float = 0.01,
         tau_relative: bool = False,
         w0_floor: float = 0.0,
