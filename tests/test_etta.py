@@ -20,9 +20,9 @@ from torch import nn
 
 from custom.etta import (
     EntropyTTAInferer,
-    IntensityCurve,
     ETTAStatsHandler,
     FlipTTAInferer,
+    IntensityCurve,
     added_norm_affines,
     affineless_norms,
     entropy_loss_weights,
