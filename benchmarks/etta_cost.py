@@ -139,7 +139,7 @@ def load_model(model: str | None, train_iters: int = 40) -> tuple[torch.nn.Modul
     else:
         info["source"] = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    net = load_small(path)
+    net = load_small(ckpt)
     fs = int(net.swinViT.patch_embed.proj.weight.shape[0])
     if path == DEMO_CKPT:
         default_roi, default_pixdim = SMALL["roi_size"], SMALL["pixdim"]

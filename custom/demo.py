@@ -200,13 +200,14 @@ def swin_unetr_args(state: dict[str, "torch.Tensor"]) -> dict[str, int]:
     }
 
 
-def load_small(ckpt: Path) -> "torch.nn.Module":
-    """The SwinUNETR of ``ckpt`` (a :func:`train_small` checkpoint, or any ``{"model": state_dict}``) with its weights;
-    the architecture is read from the weights (:func:`swin_unetr_args`), so checkpoints of earlier recipes load too."""
+def load_small(ckpt: Path | dict) -> "torch.nn.Module":
+    """The SwinUNETR of ``ckpt`` (a :func:`train_small` checkpoint, any ``{"model": state_dict}`` or a state dict; a
+    path or what ``torch.load`` returned) with its weights; the architecture is read from the weights
+    (:func:`swin_unetr_args`), so checkpoints of earlier recipes load too."""
     import torch
     from monai.networks.nets import SwinUNETR
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = ckpt if isinstance(ckpt, dict) else torch.load(ckpt, map_location="cpu", weights_only=True)
     state = state.get("model", state)
     net = SwinUNETR(**swin_unetr_args(state))
     net.load_state_dict(state)

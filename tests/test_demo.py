@@ -28,3 +28,6 @@ def test_load_small_rebuilds_the_demo_network(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
     assert loaded.swinViT.layers1[0].blocks[0].window_size == (4, 4, 4)
+    from_dict = load_small(torch.load(tmp_path / "model.pt", weights_only=True)).eval()  # an already loaded checkpoint
+    with torch.no_grad():
+        assert torch.equal(from_dict(x), net(x))
