@@ -4,6 +4,7 @@
 - :func:`exit_on_input_error` / :func:`cli_main`: run a callable; an :class:`InputError` anywhere in the
   exception chain (MONAI wraps transform errors) becomes ``error: <line>`` on stderr and exit code 2.
 - :func:`parse_overrides`: ``KEY=VALUE`` command-line items with one-line errors.
+- :func:`parse_flag`: a yes/no option as a command line gives it (``--flag false`` arrives as ``"false"``).
 
 SOLF workers and argument parsing import this module, so it imports nothing outside the standard
 library at module level.
@@ -73,3 +74,22 @@ def parse_overrides(items: Sequence[str], option: str = "--override", example: s
             raise InputError(None, f"{option} {item!r} is not KEY=VALUE", f"e.g. {option} {example}")
         result[key] = yaml.safe_load(value)
     return result
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_flag(value: Any, name: str) -> bool:
+    """``value`` as a bool: a bool, 0 / 1, or true / false, yes / no, on / off in any case.
+
+    ``python -m monai.bundle run ... --flag false`` (Python Fire) passes the string ``"false"``, which ``bool()``
+    would take as true; this reads it as meant. Anything else is an :class:`InputError`.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise InputError(None, f"{name} must be true or false, got {value!r}", f"write {name} true or {name} false")

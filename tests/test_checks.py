@@ -131,6 +131,15 @@ def test_load_image_checked_reads_real_ct(btcv_sample):
     assert float(img.min()) == pytest.approx(-1207.0)
 
 
+def test_parse_flag_reads_command_line_words_and_refuses_others():
+    from custom.errors import parse_flag
+
+    assert [parse_flag(v, "--x") for v in (True, 0, "false", "False", " yes ", "OFF", "1")] == [True, False, False, False, True, False, True]
+    for bad in ("maybe", 2, None, 0.5):
+        with pytest.raises(InputError, match=r"--x must be true or false, got .*\. Fix: write --x true or --x false"):
+            parse_flag(bad, "--x")
+
+
 def test_parse_overrides_reads_yaml_values_and_refuses_malformed_items():
     from custom.errors import parse_overrides
 

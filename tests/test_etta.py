@@ -139,6 +139,10 @@ def test_network_without_affine_norm_is_refused():
     assert curve_only.pop_records()[0]["adapted_parameters"] == 3  # gamma, scale, shift of the one channel
     with pytest.raises(ValueError):
         EntropyTTAInferer(roi_size=16, activation="relu")
+    # yes/no options as "python -m monai.bundle run ... --etta_inferer#intensity_curve false" passes them
+    assert EntropyTTAInferer(roi_size=16, intensity_curve="false", balance="true").intensity_curve is False
+    with pytest.raises(ValueError, match="intensity_curve must be true or false"):
+        EntropyTTAInferer(roi_size=16, intensity_curve="sometimes")
 
 
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])

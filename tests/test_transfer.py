@@ -206,6 +206,14 @@ def test_cli_writes_a_loadable_checkpoint_and_exits_2_on_bad_input(source, tmp_p
     assert saved["swinViT.patch_embed.proj.weight"].shape == (FS, 1, 2, 2, 2)
     assert torch.equal(saved["swinViT.layers2.0.blocks.1.attn.qkv.weight"], source.swinViT.layers2[0].blocks[1].attn.qkv.weight)
 
+    # "--reinit_head false" arrives from the command line as the string "false": the head is kept, not re-initialised
+    kept = tmp_path / "kept.pt"
+    main(str(src), out=str(kept), in_channels=4, out_channels=73, feature_size=FS, reinit_head="false")
+    assert torch.equal(torch.load(kept, weights_only=True)["model"]["out.conv.conv.weight"], source.out.conv.conv.weight)
+    with pytest.raises(SystemExit) as exc:
+        main(str(src), out=str(kept), in_channels=4, out_channels=73, feature_size=FS, reinit_head="keep")
+    assert exc.value.code == 2 and "--reinit_head must be true or false, got 'keep'" in capsys.readouterr().err
+
     bad = tmp_path / "bad.pt"
     torch.save({"model": source.state_dict(), "args": argparse.Namespace()}, bad)
     with pytest.raises(SystemExit) as exc:

@@ -69,6 +69,7 @@ from monai.utils import BlendMode, PytorchPadMode, convert_to_dst_type
 from torch import nn
 
 from custom.attention import fused_window_attention
+from custom.errors import parse_flag
 from custom.etta.entropy import entropy_loss_weights, entropy_weights, prob_entropy_mean, weighted_entropy_sum
 from custom.etta.intensity import IntensityCurve
 from custom.etta.norms import added_norm_affines, checkpointed_input_blocks, norm_affine_parameters
@@ -261,13 +262,15 @@ class EntropyTTAInferer(Inferer):
         self.mode, self.sigma_scale, self.padding_mode, self.cval = BlendMode(mode), sigma_scale, padding_mode, cval
         self.sw_device, self.device, self.progress = sw_device, device, progress
         self.steps, self.lr, self.momentum, self.optimizer = int(steps), lr, momentum, optimizer
-        self.tau, self.tau_relative, self.w0_floor = tau, bool(tau_relative), float(w0_floor)
-        self.activation, self.params, self.margin, self.balance = activation, params, margin, bool(balance)
-        self.intensity_curve, self.intensity_lr = bool(intensity_curve), float(intensity_lr)
-        self.online, self.adapt_fraction, self.amp = online, adapt_fraction, amp
-        self.fused_attention, self.checkpoint_input_blocks = bool(fused_attention), bool(checkpoint_input_blocks)
+        # yes/no options as a bundle command line may give them ("--etta_inferer#balance false" is a string)
+        self.tau, self.tau_relative, self.w0_floor = tau, parse_flag(tau_relative, "tau_relative"), float(w0_floor)
+        self.activation, self.params, self.margin, self.balance = activation, params, margin, parse_flag(balance, "balance")
+        self.intensity_curve, self.intensity_lr = parse_flag(intensity_curve, "intensity_curve"), float(intensity_lr)
+        self.online, self.adapt_fraction, self.amp = parse_flag(online, "online"), adapt_fraction, amp
+        self.fused_attention = parse_flag(fused_attention, "fused_attention")
+        self.checkpoint_input_blocks = parse_flag(checkpoint_input_blocks, "checkpoint_input_blocks")
         self.buffer_dtype = float_dtype(buffer_dtype)
-        self.record_candidates = bool(record_candidates)
+        self.record_candidates = parse_flag(record_candidates, "record_candidates")
         self.records: list[dict[str, Any]] = []  # one per volume since the last pop_records()
         self._online: _OnlineState | None = None
 
