@@ -2,7 +2,8 @@
 
 - :class:`InputError`: a bad user file, ``str()`` is one line ``FILE: problem. Fix: what to do``.
 - :func:`exit_on_input_error` / :func:`cli_main`: run a callable; an :class:`InputError` anywhere in the
-  exception chain (MONAI wraps transform errors) becomes ``error: <line>`` on stderr and exit code 2.
+  exception chain (MONAI wraps transform errors) becomes ``error: <line>`` on stderr and exit code 2;
+  :func:`cli_main` also reads ``bool`` arguments with :func:`parse_flag`.
 - :func:`parse_overrides`: ``KEY=VALUE`` command-line items with one-line errors.
 - :func:`parse_flag`: a yes/no option as a command line gives it (``--flag false`` arrives as ``"false"``).
 
@@ -13,6 +14,7 @@ library at module level.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -53,11 +55,21 @@ def exit_on_input_error(func: Callable[..., Any], *args: Any, **kwargs: Any) -> 
 
 
 def cli_main(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator form of :func:`exit_on_input_error` for command-line entry points."""
+    """Decorator form of :func:`exit_on_input_error` for command-line entry points; arguments annotated
+    ``bool`` go through :func:`parse_flag` (Python Fire passes ``--plots false`` as the string ``"false"``)."""
+    signature = inspect.signature(func)
+    flags = [name for name, p in signature.parameters.items() if p.annotation in (bool, "bool")]
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        for name in flags:
+            if name in bound.arguments:
+                bound.arguments[name] = parse_flag(bound.arguments[name], f"--{name}")
+        return func(*bound.args, **bound.kwargs)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return exit_on_input_error(func, *args, **kwargs)
+        return exit_on_input_error(call, *args, **kwargs)
 
     return wrapper
 

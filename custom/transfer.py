@@ -50,7 +50,7 @@ from monai.handlers import CheckpointLoader
 
 from custom.atomic import atomic_path
 from custom.checks import check_readable
-from custom.errors import InputError, cli_main, parse_flag
+from custom.errors import InputError, cli_main
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +372,6 @@ def main(src: str, bundle: str = "", out: str = "", config: str = "inference.jso
             (``--in_channels 1 --out_channels 14 --feature_size 48``); with it, overrides.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    reinit_head = parse_flag(reinit_head, "--reinit_head")  # Fire passes "--reinit_head false" as a string
     if bundle:
         network = build_bundle_network(bundle, config, **network_args)
         out_path = Path(out) if out else _bundle_dir(bundle) / "models" / "pretrained.pt"

@@ -140,6 +140,20 @@ def test_parse_flag_reads_command_line_words_and_refuses_others():
             parse_flag(bad, "--x")
 
 
+def test_cli_main_reads_bool_arguments_as_flags(capsys):
+    from custom.errors import cli_main
+
+    @cli_main
+    def report(output_dir: str, plots: bool = True) -> tuple:
+        return output_dir, plots
+
+    assert report("out", plots="false") == ("out", False) and report("false") == ("false", True)  # only bool arguments
+    with pytest.raises(SystemExit) as exc:
+        report("out", "sometimes")
+    assert exc.value.code == 2 and capsys.readouterr().err.strip() == (
+        "error: --plots must be true or false, got 'sometimes'. Fix: write --plots true or --plots false")
+
+
 def test_parse_overrides_reads_yaml_values_and_refuses_malformed_items():
     from custom.errors import parse_overrides
 
