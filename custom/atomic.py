@@ -10,12 +10,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from custom.errors import InputError
+
+
+#: the names :func:`_temp_name` makes: ``.<stem>.<8 random characters from mkstemp>.tmp<suffix>``
+_TEMP_NAME = re.compile(r"^\..*\.[a-z0-9_]{8}\.tmp(\.[^/]*)?$")
 
 
 def _temp_name(path: Path) -> Path:
@@ -37,6 +42,22 @@ def check_writable_dir(folder: str | os.PathLike) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(folder, "the output folder is not writable", "choose a writable folder or fix its permissions")
     return folder
+
+
+def remove_temp_files(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Delete what :func:`atomic_path` leaves in ``folder`` when its process is killed (SIGKILL, power loss)
+    between creating the temporary file and renaming it; returns how many files went. Call it only where no
+    other process is writing into ``folder`` (a runner after its workers died, or before it resumes)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for file in folder.rglob(".*") if recursive else folder.glob(".*"):
+        if _TEMP_NAME.match(file.name) and file.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -126,3 +126,17 @@ def test_atomic_checkpoint_saver_publishes_complete_files_only(tmp_path):
     with pytest.raises(Exception):
         engine.run([0], max_epochs=1)
     assert not (tmp_path / "b").exists() or _visible(tmp_path / "b") == []
+
+
+def test_remove_temp_files_takes_only_what_a_killed_writer_left(tmp_path):
+    from custom.atomic import _temp_name, remove_temp_files
+
+    (tmp_path / "sub").mkdir()
+    left = [_temp_name(tmp_path / "case.nii.gz"), _temp_name(tmp_path / "sub" / "stats.json")]  # as mkstemp made them
+    kept = [tmp_path / n for n in (".hidden", ".notes.tmp", "case.nii.gz", "a.tmp.json", "sub/.x.tmp.csv")]
+    for p in kept:
+        p.write_text("user file")
+    assert remove_temp_files(tmp_path) == 1 and not left[0].exists() and left[1].exists()
+    assert remove_temp_files(tmp_path, recursive=True) == 1 and not left[1].exists()
+    assert all(p.read_text() == "user file" for p in kept)
+    assert remove_temp_files(tmp_path / "missing") == 0

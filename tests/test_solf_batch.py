@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from custom.atomic import _temp_name
 from custom.labels import IGNORE_LABEL
 from custom.solf import batch
 from custom.solf.simulate import inject, make_subject
@@ -104,7 +105,9 @@ def test_killed_worker_then_resume_without_redoing_finished_volumes(cohort, tmp_
     assert 3 <= len(done) < N
     assert not list(results.glob(".*tmp*"))  # no half-written result
 
+    stale = _temp_name(results / "crashed.json")  # what a runner killed as a whole (parent too) would leave
     stats = batch.features(datalist, tmp_path, workers=1)
+    assert not stale.exists() and not list(results.glob(".*tmp*"))
     assert stats["skipped"] == len(done) and stats["computed"] == N - len(done) and stats["errors"] == 1
     assert all(results.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in done.items())
     again = batch.features(datalist, tmp_path, workers=1)

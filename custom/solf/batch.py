@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from custom.atomic import atomic_path, atomic_write_text, check_writable_dir
+from custom.atomic import atomic_path, atomic_write_text, check_writable_dir, remove_temp_files
 from custom.checks import check_affine, check_label_ids, check_readable
 from custom.errors import InputError
 from custom.labels import IGNORE_LABEL, MAX_LABEL_ID, TO_UKBOB, UKBOB_COMPONENT_RANGES, UKBOB_LABELS, UKBOB_UNUSED_IDS, to_ukbob
@@ -266,8 +266,11 @@ def features(
         (done.append(res) if res else todo.append(item))
     print(f"stage A: {len(items)} volumes, {len(done)} already done, {len(todo)} to compute", file=sys.stderr, flush=True)
     t0 = time.time()
-    with Executor(**executor) as ex:
-        results, errors = _map(ex, stage_a_volume, todo, (str(out), config), "SOLF stage A")
+    try:
+        with Executor(**executor) as ex:
+            results, errors = _map(ex, stage_a_volume, todo, (str(out), config), "SOLF stage A")
+    finally:
+        remove_temp_files(out / "stage_a")  # a killed worker's unfinished result
     rows = [row for res in done + results for row in res["rows"]]
     table = pd.DataFrame(rows)
     if len(table):
@@ -341,9 +344,12 @@ def apply(
     stamp = (out / "decisions.csv").stat().st_mtime_ns
     todo = [i for i in items if not _newer(out / "labels" / filtered_name(i.volume), stamp)]
     print(f"apply: {len(items)} volumes, {len(items) - len(todo)} already written", file=sys.stderr, flush=True)
-    with Executor(**executor) as ex:
-        results, errors = _map(ex, apply_volume, todo, (str(out), config, ignore_value), "SOLF apply",
-                               lambda item: (actions.get(item.volume, {}),))
+    try:
+        with Executor(**executor) as ex:
+            results, errors = _map(ex, apply_volume, todo, (str(out), config, ignore_value), "SOLF apply",
+                                   lambda item: (actions.get(item.volume, {}),))
+    finally:
+        remove_temp_files(out / "labels", recursive=True)  # a killed worker's unfinished label map
     _write_datalist(datalist, out, keys, known - dropped - {e["volume"] for e in errors})
     if errors:
         old = pd.read_csv(out / "errors.csv") if (out / "errors.csv").exists() else pd.DataFrame(columns=ERROR_COLUMNS)
