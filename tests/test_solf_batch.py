@@ -124,3 +124,17 @@ def test_dask_local_cluster_gives_the_same_tables(cohort, local_run, tmp_path) -
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "decisions.csv"), pd.read_csv(local_run / "decisions.csv"))
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "thresholds.csv"), pd.read_csv(local_run / "thresholds.csv"))
     assert pd.read_csv(tmp_path / "errors.csv")["volume"].tolist() == ["labels/broken.nii.gz"]
+
+
+@pytest.mark.parametrize("step, missing, made_by", [("fit", "features.parquet", "features"), ("apply", "decisions.csv", "fit"),
+                                                     ("report", "decisions.csv", "fit")])
+def test_a_step_without_its_inputs_names_the_step_to_run(step, missing, made_by, tmp_path, capsys) -> None:
+    from custom.solf import __main__ as cli
+
+    args = {"output_dir": str(tmp_path)} | ({"datalist": str(tmp_path / "dataset.json")} if step == "apply" else {})
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(cli, step)(**args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code != 0 and len(err) == 1
+    assert err[0].startswith(f"error: {tmp_path / missing}: not found") and f"custom.solf {made_by}`" in err[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written

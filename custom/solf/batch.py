@@ -184,6 +184,14 @@ def filtered_name(volume: str) -> str:
     return p.as_posix().lstrip("/").replace("../", "up/") if not p.is_absolute() else "abs/" + p.as_posix().lstrip("/")
 
 
+def _stage_output(out: Path, name: str, made_by: str) -> Path:
+    """``out/name``, written by an earlier step; :class:`InputError` naming that step when it is missing."""
+    path = Path(out) / name
+    if not path.is_file():
+        raise InputError(path, "not found", f"run `python -m custom.solf {made_by}` with this --output_dir first (or `run`)")
+    return path
+
+
 def _map(
     executor: Executor, fn: Callable, items: Sequence[Item], args: tuple, desc: str,
     item_args: Callable[[Item], tuple] = lambda item: (),
@@ -307,7 +315,7 @@ def fit(
     (:func:`cohort.decide`; ``inf``: the 2-of-3 vote only).
     """
     out = Path(output_dir)
-    table = pd.read_parquet(out / "features.parquet")
+    table = pd.read_parquet(_stage_output(out, "features.parquet", "features"))
     if table.empty:
         thr = pd.DataFrame(columns=["organ_id", "organ", "n", "fitted"])
         dec = pd.DataFrame(columns=cohort.DECISION_COLUMNS)
@@ -336,10 +344,10 @@ def apply(
     ``errors.csv`` too. A filtered file newer than ``decisions.csv`` is not rewritten (resume).
     """
     out = Path(output_dir)
-    dec = pd.read_csv(out / "decisions.csv")
+    dec = pd.read_csv(_stage_output(out, "decisions.csv", "fit"))
     actions = cohort.organ_actions(dec)
     dropped = cohort.dropped_volumes(dec)
-    known = set(dec["volume"].astype(str)) | set(pd.read_parquet(out / "features.parquet", columns=["volume"])["volume"].astype(str)) if len(dec) else set()
+    known = set(dec["volume"].astype(str)) | set(pd.read_parquet(_stage_output(out, "features.parquet", "features"), columns=["volume"])["volume"].astype(str)) if len(dec) else set()
     items = [i for i in read_datalist(datalist, keys) if i.volume in known and i.volume not in dropped]
     stamp = (out / "decisions.csv").stat().st_mtime_ns
     todo = [i for i in items if not _newer(out / "labels" / filtered_name(i.volume), stamp)]
@@ -389,8 +397,8 @@ def _write_datalist(datalist: str | Path, out: Path, keys: Sequence[str] | str |
 def report(output_dir: str | Path, plots: bool = True) -> dict[str, Any]:
     """``summary.json`` and one PNG per organ (feature histograms with the thresholds); returns the summary."""
     out = Path(output_dir)
-    dec = pd.read_csv(out / "decisions.csv")
-    thr = pd.read_csv(out / "thresholds.csv")
+    dec = pd.read_csv(_stage_output(out, "decisions.csv", "fit"))
+    thr = pd.read_csv(_stage_output(out, "thresholds.csv", "fit"))
     errs = pd.read_csv(out / "errors.csv") if (out / "errors.csv").exists() else pd.DataFrame(columns=ERROR_COLUMNS)
     rej = dec[dec["rejected"].astype(bool)] if len(dec) else dec
     summary = {
