@@ -74,6 +74,12 @@ def cli_main(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def config_flag(value: Any, name: str) -> bool:
+    """:func:`parse_flag` for a bundle config's ``$`` expressions (``--name false`` is off there too); a value that
+    is no yes / no ends the run with the one-line error of :func:`exit_on_input_error`."""
+    return exit_on_input_error(parse_flag, value, f"--{name}")
+
+
 def parse_overrides(items: Sequence[str], option: str = "--override", example: str = "sw_batch_size=2") -> dict[str, Any]:
     """``["KEY=VALUE", ...]`` from a command line -> ``{KEY: value}``, each value parsed as YAML
     (``12`` -> int, ``[64,64,64]`` -> list, ``true`` -> bool). A malformed item is an :class:`InputError`."""

@@ -204,3 +204,21 @@ def test_every_import_is_used(bundle):
             if module == "custom":
                 continue
             assert re.search(rf"(?<![\w.]){re.escape(module)}\.", text), f"{bundle} {name}: {statement} is not used"
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_yes_no_switches_are_read_with_config_flag(bundle):
+    """Every top-level yes / no setting (``use_etta``, ``resume``, ...) that a ``$`` expression reads goes through
+    ``custom.errors.config_flag``: ``--use_etta false`` on the command line is the string "false", which a bare
+    ``if @use_etta`` would take as on."""
+    configs = sorted((BUNDLES[bundle] / "configs").glob("*.json"))
+    flags = {key for f in configs for key, value in json.loads(f.read_text()).items() if isinstance(value, bool)}
+    assert {"use_etta", "use_tta", "resume"} <= flags, flags
+    read = 0
+    for f in configs:
+        for expr in re.findall(r'"(\$[^"]*)"', f.read_text()):
+            for flag in flags:
+                for ref in re.finditer(rf"@(?:displayable_configs#)?{flag}\b", expr):
+                    read += 1
+                    assert expr[: ref.start()].endswith("custom.errors.config_flag("), f"{f.name}: {expr}"
+    assert read >= 5

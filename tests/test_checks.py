@@ -140,6 +140,16 @@ def test_parse_flag_reads_command_line_words_and_refuses_others():
             parse_flag(bad, "--x")
 
 
+def test_config_flag_ends_a_bundle_run_with_one_line(capsys):
+    from custom.errors import EXIT_BAD_INPUT, config_flag
+
+    assert config_flag("false", "use_etta") is False and config_flag(True, "resume") is True
+    with pytest.raises(SystemExit) as exit_info:
+        config_flag("maybe", "use_etta")
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == "error: --use_etta must be true or false, got 'maybe'. Fix: write --use_etta true or --use_etta false\n"
+
+
 def test_cli_main_reads_bool_arguments_as_flags(capsys):
     from custom.errors import cli_main
 

@@ -842,6 +842,8 @@ def test_bundle_chooses_etta_by_flag(bundle):
         assert type(tta.inferer) is SlidingWindowInferer and list(tta.inferer.roi_size) == list(plain.roi_size)
         assert tta_parser.get_parsed_content("output_dir").endswith("/eval_tta")
         assert etta_parser.get_parsed_content("output_dir").endswith("/eval_etta")
+        for word, expected in (("false", type(plain)), ("True", EntropyTTAInferer)):  # as `--use_etta WORD` passes it
+            assert type(_parsed(bundle, files, word).get_parsed_content(inferer_id)) is expected, (files, word)
 
 
 # ------------------------------------------------------------------------------ graded shifts
