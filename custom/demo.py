@@ -89,6 +89,7 @@ class Demo:
 
     out: Path
     iterations: int = 400
+    distend_stomach: bool = False
     dataset_dir: Path | None = None
     ckpt_dir: Path | None = None
     held_out: dict[str, str] = field(default_factory=dict)
@@ -218,8 +219,9 @@ def step_train(demo: Demo) -> None:
     demo.ckpt_dir = demo.out / "models"
     _say(f"train: SwinUNETR (feature size {SMALL['feature_size']}, Swin windows of {SMALL['network_def#window_size']}^3 tokens) "
          f"from scratch on the sample CT, {demo.iterations} iterations ({SMALL['pixdim'][0]:g} x {SMALL['pixdim'][1]:g} x "
-         f"{SMALL['pixdim'][2]:g} mm voxels, {'x'.join(map(str, SMALL['roi_size']))} crops, AdamW lr {TRAIN_SMALL['learning_rate']:g})")
-    done = train_small(demo.ckpt_dir / "model.pt", demo.iterations, dataset_dir=demo.dataset_dir)
+         f"{SMALL['pixdim'][2]:g} mm voxels, {'x'.join(map(str, SMALL['roi_size']))} crops, AdamW lr {TRAIN_SMALL['learning_rate']:g}"
+         f"{', filled-stomach augmentation' if demo.distend_stomach else ''})")
+    done = train_small(demo.ckpt_dir / "model.pt", demo.iterations, dataset_dir=demo.dataset_dir, distend_stomach=demo.distend_stomach)
     demo.results["train_minutes"], demo.results["train_iterations"] = done["minutes"], done["iterations"]
     _say(f"train: {done['iterations']} iterations in {done['minutes']:.1f} min -> {demo.ckpt_dir / 'model.pt'}")
 
@@ -352,9 +354,11 @@ STEPS: list[Callable[[Demo], None]] = [step_data, step_train, step_infer, step_o
 def main(argv: list[str] | None = None) -> Demo:
     parser = argparse.ArgumentParser(prog="python -m custom.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=400, help="training iterations (default 400: about 8 min on 2 CPU cores)")
+    parser.add_argument("--distend_stomach", action=argparse.BooleanOptionalAction, default=False,
+                        help="train with the filled-stomach augmentation (custom.demo.DISTEND_STOMACH)")
     parser.add_argument("--out", type=Path, default=REPO / "demo_output", help="output folder (default demo_output/)")
     args = parser.parse_args(argv)
-    demo = Demo(out=args.out.resolve(), iterations=args.iterations)
+    demo = Demo(out=args.out.resolve(), iterations=args.iterations, distend_stomach=args.distend_stomach)
     demo.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     for i, step in enumerate(STEPS, 1):
