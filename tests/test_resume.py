@@ -94,7 +94,7 @@ def test_every_bundle_checkpoints_full_training_state_and_can_resume():
         assert saver["_target_"] == "custom.handlers.AtomicCheckpointSaver" and set(saver["save_dict"]) == STATE_KEYS, bundle.name
         assert saver["save_interval"] == "@ckpt_interval" and saver["n_saved"] >= 1, bundle.name
         assert loader["_target_"] == "custom.transfer.SafeCheckpointLoader" and set(loader["load_dict"]) == STATE_KEYS
-        assert "$@train#checkpoint_loader.attach(@train#trainer) if @resume else None" in cfg["run"], bundle.name
+        assert "$@train#checkpoint_loader.attach(@train#trainer) if custom.errors.config_flag(@resume, 'resume') else None" in cfg["run"], bundle.name
         multi = bundle / "configs" / "multi_gpu_train.json"
         if multi.is_file():
             assert any("checkpoint_saver.attach" in r for r in json.loads(multi.read_text())["run"]), bundle.name
