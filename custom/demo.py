@@ -168,7 +168,7 @@ def train_small(ckpt: Path, iterations: int, seed: int = 0, progress_every: int 
         output_dir=str(ckpt.parent / "train_logs"), epochs=math.ceil(iterations / n_train), **recipe(distend_stomach), **SMALL,
     )
     _quietly(wf.initialize)  # parsing, the dataset cache's progress bar
-    trainer = wf.parser.get_parsed_content("train#trainer")
+    trainer = _quietly(wf.parser.get_parsed_content, id="train#trainer")  # builds the datasets: their progress bars
     network = wf.parser.get_parsed_content("network")
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iterations), lambda engine: engine.terminate())
     start = time.time()

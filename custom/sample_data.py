@@ -30,7 +30,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -201,11 +201,19 @@ def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.asanyarray(img.dataobj), img.affine
 
 
-def load_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """A DICOM series as (array in HU, NIfTI/RAS affine), read with MONAI's ITK reader."""
+def _itk_loader() -> Any:
+    """MONAI's ``LoadImage`` with the ITK reader, affine converted from LPS to RAS."""
     from monai.transforms import LoadImage
 
-    img = LoadImage(reader="ITKReader", image_only=True, affine_lps_to_ras=True)(str(folder))
+    from custom.transforms import without_nvimgcodec_notice
+
+    with without_nvimgcodec_notice():
+        return LoadImage(reader="ITKReader", image_only=True, affine_lps_to_ras=True)
+
+
+def load_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM series as (array in HU, NIfTI/RAS affine), read with MONAI's ITK reader."""
+    img = _itk_loader()(str(folder))
     return np.asarray(img), np.asarray(img.affine, dtype=np.float64)
 
 
@@ -496,9 +504,7 @@ def brats_from_t1c(t1c: np.ndarray, lesion: np.ndarray, spacing: tuple[float, ..
 
 def _load_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """An NRRD/NIfTI file as (array, RAS affine), in the closest canonical (RAS) axis order."""
-    from monai.transforms import LoadImage
-
-    img = LoadImage(reader="ITKReader", image_only=True, affine_lps_to_ras=True)(str(path))
+    img = _itk_loader()(str(path))
     return _canonical(np.asarray(img), np.asarray(img.affine, dtype=np.float64))
 
 

@@ -22,8 +22,11 @@ every request (MONAI 1.6 takes it for a metadata dict).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Any, Callable, Hashable, Mapping, Sequence
+import warnings
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -364,11 +367,29 @@ class InvertLabelsd(MapTransform):
 
 
 # ---------------------------------------------------------------- safe loading, input checks, atomic output
+@contextlib.contextmanager
+def without_nvimgcodec_notice() -> Iterator[None]:
+    """Hold back the two notices MONAI 1.6 gives each time a ``LoadImage`` is built on a machine without
+    nvImageCodec (every CPU machine): it builds every registered reader, and its nvImageCodec DICOM reader
+    says twice that it falls back to pydicom. That reader is never chosen there; other messages still show."""
+    logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_image_checked(path: str | os.PathLike, reader: str | None = None) -> Any:
     """``monai.transforms.LoadImage`` (channel-first, with metadata) with one-line errors for bad files."""
     path = check_readable(path)
+    with without_nvimgcodec_notice():
+        load = LoadImage(reader=reader, image_only=True, ensure_channel_first=True)
     try:
-        return LoadImage(reader=reader, image_only=True, ensure_channel_first=True)(str(path))
+        return load(str(path))
     except Exception as exc:  # noqa: BLE001 - readers raise many types; all mean "cannot read"
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise InputError(
@@ -385,6 +406,10 @@ class SafeLoadImaged(LoadImaged):
     and, when loading fails, the failing key's file is re-read with :func:`load_image_checked` to
     raise its :class:`InputError`. Input: ``{key: path}``; output: as ``LoadImaged``.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with without_nvimgcodec_notice():
+            super().__init__(*args, **kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         paths = [data[key] for key in self.key_iterator(dict(data)) if isinstance(data[key], (str, os.PathLike))]

@@ -172,3 +172,30 @@ def test_parse_overrides_reads_yaml_values_and_refuses_malformed_items():
     for bad in ("feature_size", "=12"):
         with pytest.raises(InputError, match=r"--net_override .* is not KEY=VALUE\. Fix: e.g. --net_override a=1"):
             parse_overrides([bad], "--net_override", "a=1")
+
+
+def test_loaders_hold_back_only_the_nvimgcodec_notices(caplog, btcv_sample):
+    """MONAI's ``LoadImage`` tells twice that nvImageCodec is missing (on every CPU machine); ours do not."""
+    import logging
+    import warnings
+
+    from monai.data.nvimgcodec_pydicom_plugin import is_nvimgcodec_available
+    from monai.transforms import LoadImage
+
+    from custom.transforms import SafeLoadImaged
+
+    if is_nvimgcodec_available():
+        pytest.skip("nvImageCodec is installed: MONAI gives no notice to hold back")
+
+    def notices(build) -> list[str]:
+        caplog.clear()
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+            warnings.simplefilter("always")
+            build()
+        return [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+
+    assert sum("nvImageCodec" in n for n in notices(LoadImage)) == 2  # MONAI's own: both notices
+    image = btcv_sample / "images" / "ct_dicom.nii.gz"
+    assert not any("nvImageCodec" in n for n in notices(lambda: SafeLoadImaged(keys="image")({"image": str(image)})))
+    assert not any("nvImageCodec" in n for n in notices(lambda: load_image_checked(image)))
+    assert logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").level == logging.NOTSET  # left as it was
