@@ -65,7 +65,7 @@ TRAIN_SMALL: dict[str, Any] = {
 }
 
 
-#: for budgets of ~1000 iterations (``benchmarks/etta_shift.py``): the training stomach is collapsed, the held-out
+#: for budgets of ~1000 iterations (``make demo``, ``benchmarks/etta_shift.py``): the training stomach is collapsed, the held-out
 #: one filled (a wall around a darker lumen); 80 % of the crops grow it by 6-24 mm into unlabelled tissue and paint
 #: it filled (lumen -26..101 HU, wall 38..165 HU after the CT window). Inserted after the crop by :func:`recipe`.
 #: It needs the long schedule: over 400 iterations it costs the spleen more than it gives the stomach (docs/etta.md)
@@ -354,10 +354,10 @@ STEPS: list[Callable[[Demo], None]] = [step_data, step_train, step_infer, step_o
 
 def main(argv: list[str] | None = None) -> Demo:
     parser = argparse.ArgumentParser(prog="python -m custom.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=1000,
+    parser.add_argument("--iterations", type=int, default=Demo.iterations,
                         help="training iterations (default 1000: 9-10 min on 2 CPU cores; 400 without the stomach augmentation "
-                             "finds liver and spleen in 4 min)")
-    parser.add_argument("--distend_stomach", action=argparse.BooleanOptionalAction, default=True,
+                             "finds liver and spleen in 4-6 min)")
+    parser.add_argument("--distend_stomach", action=argparse.BooleanOptionalAction, default=Demo.distend_stomach,
                         help="train with the filled-stomach augmentation (custom.demo.DISTEND_STOMACH; default on)")
     parser.add_argument("--out", type=Path, default=REPO / "demo_output", help="output folder (default demo_output/)")
     args = parser.parse_args(argv)
