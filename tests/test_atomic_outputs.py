@@ -75,7 +75,12 @@ def test_solf_killed_while_publishing_decisions_leaves_only_complete_files(solf_
     assert set(thresholds["organ_id"]) == set(features["organ_id"])
     for p in _visible(out / "stage_a"):
         json.loads(p.read_text())  # every per-volume result is complete JSON
-    # (the same command resumes from stage_a/ and completes: tests/test_solf_batch.py)
+    assert len(list(out.glob(".decisions.*.tmp.csv"))) == 1  # the complete file the kill kept from its name
+    # the same command again: it resumes from stage_a/ (tests/test_solf_batch.py) and leaves no temporary file
+    from custom.solf import batch
+
+    batch.run(solf_datalist, out, workers=1, plots=False)
+    assert not [p for p in out.rglob(".*") if p.is_file()] and (out / "decisions.csv").is_file()
 
 
 def test_bundles_write_predictions_and_checkpoints_atomically():

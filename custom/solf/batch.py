@@ -463,6 +463,7 @@ def run(
     """All of SOLF: stage A, stage B, filtered labels, report. Returns the summary (also printed).
 
     ``executor``: ``workers`` / ``scheduler`` as for :func:`features`."""
+    remove_temp_files(output_dir, recursive=True)  # what a killed earlier run left unpublished
     config = StageAConfig(min_fraction=min_fraction, body=body)
     stage_a = features(datalist, output_dir, keys, config, **executor)
     fit(output_dir, eps, action, min_samples, use_priors=use_priors, partial_eps=partial_eps, gross_volume_bands=gross_volume_bands)
