@@ -45,7 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom.demo import SMALL, load_small, swin_unetr_args  # noqa: E402
+from custom.demo import SMALL, load_small  # noqa: E402
 from custom.etta import EntropyTTAInferer, fused_window_attention, norm_affine_parameters  # noqa: E402
 from custom.labels import BTCV_CT_WINDOW, BTCV_NUM_CLASSES  # noqa: E402
 from custom.sample_data import data_root, prepare  # noqa: E402
@@ -141,7 +141,7 @@ def load_model(model: str | None, train_iters: int = 40) -> tuple[torch.nn.Modul
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     net = load_small(ckpt)
     fs = int(net.swinViT.patch_embed.proj.weight.shape[0])
-    if swin_unetr_args(ckpt.get("model", ckpt))["window_size"] == SMALL["network_def#window_size"]:
+    if net.swinViT.window_size[0] == SMALL["network_def#window_size"]:
         # a custom.demo.train_small model (make demo's, etta_shift.py's): the demo's windows and grid
         default_roi, default_pixdim = SMALL["roi_size"], SMALL["pixdim"]
     else:
