@@ -204,7 +204,7 @@ def window_backward_pass(net: torch.nn.Module, x: torch.Tensor, inferer: Entropy
             p.requires_grad_(True)
         try:
             for start in range(0, len(plan.slices), inferer.sw_batch_size):
-                win = plan.window(range(start, min(start + inferer.sw_batch_size, len(plan.slices))), x.device)
+                win = plan.window(range(start, min(start + inferer.sw_batch_size, len(plan.slices))))
                 with torch.enable_grad(), torch.autocast("cuda", enabled=use_amp):
                     net(curve(win)).float().mean().backward()
         finally:

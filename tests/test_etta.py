@@ -156,7 +156,7 @@ def test_fused_entropy_loss_equals_composed_functions(activation):
     (ref_grad,) = torch.autograd.grad(ref, logits)
     ours = weighted_entropy_sum(logits, weight, activation)
     (grad,) = torch.autograd.grad(ours, logits)
-    assert float(ours) == pytest.approx(float(ref), rel=1e-6)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
     assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
     assert float(ref_grad.abs().max()) > 1e-2
 

@@ -149,6 +149,17 @@ class _OnlineState:
     scaler: Any
 
 
+@dataclasses.dataclass
+class _Passes:
+    """What the K + 1 sliding-window passes over one volume share."""
+
+    plan: WindowPlan
+    adapt: set[int]  # the windows whose entropy is back-propagated ...
+    mass: float  # ... and their summed loss share, which makes the loss a mean over voxels
+    use_amp: bool
+    scaler: Any  # torch.amp.GradScaler with AMP while adapting, else None
+
+
 # ----------------------------------------------------------------------------------- ETTA
 class EntropyTTAInferer(Inferer):
     """Sliding-window inference with entropy test-time adaptation of the normalisation layers.
@@ -331,10 +342,7 @@ class EntropyTTAInferer(Inferer):
         device = torch.device(self.device) if self.device is not None else x.device
         use_amp = bool(self.amp if self.amp is not None else sw_device.type == "cuda") and sw_device.type == "cuda"
         plan = WindowPlan(x, self.roi_size, self.overlap, self.mode, self.sigma_scale, self.padding_mode, self.cval, sw_device, device)
-        n_win = len(plan.slices)
-        n_adapt = max(1, round(self.adapt_fraction * n_win))
-        adapt = set(np.unique(np.linspace(0, n_win - 1, n_adapt).round().astype(int)).tolist())
-        mass = float(plan.window_mass[sorted(adapt)].sum())
+        adapt, mass = plan.spread(self.adapt_fraction)
 
         carried = self._online_state(network)
         existing = norm_affine_parameters(network)
@@ -383,11 +391,12 @@ class EntropyTTAInferer(Inferer):
             def model(window: torch.Tensor, *a: Any, **kw: Any) -> torch.Tensor:
                 return network(curve(window) if curve is not None else window, *a, **kw)
 
+            passes = _Passes(plan, adapt, mass, use_amp, scaler)
             for k in range(self.steps + 1):
                 backprop = k < self.steps
                 if backprop:
                     opt.zero_grad(set_to_none=True)
-                prob = self._pass(model, plan, adapt if backprop else set(), mass, scaler, sw_device, device, use_amp, *args, **kwargs)
+                prob = self._pass(model, passes, backprop, *args, **kwargs)
                 if self.record_candidates:
                     candidates.append(prob.detach().cpu().clone())
                 combination.add(prob, prob_entropy_mean(prob, self.activation))
@@ -410,7 +419,7 @@ class EntropyTTAInferer(Inferer):
                 "entropy_final": h_final,
                 "weights": weights.tolist(),
                 "time_s": time.perf_counter() - t0,
-                "windows": n_win,
+                "windows": len(plan.slices),
                 "adapted_windows": len(adapt) if self.steps else 0,
                 "steps": self.steps,
                 "adapted_parameters": sum(p.numel() for p in itertools.chain(params, curve.parameters() if curve is not None else ())) if self.steps else 0,
@@ -421,27 +430,22 @@ class EntropyTTAInferer(Inferer):
             self.records[-1]["candidates"] = candidates
         return out
 
-    def _pass(self, network, plan: WindowPlan, adapt: set[int], mass: float, scaler, sw_device, device, use_amp, *args, **kwargs) -> torch.Tensor:
-        """One sliding-window pass: back-propagate the windows in ``adapt`` one batch at a time and
-        return the stitched probability map ``(1, C_out, *spatial)`` on ``device`` (input-sized: the parts of
-        windows that lie in the padding of an input smaller than a window are never stored)."""
+    def _pass(self, network: Callable[..., torch.Tensor], passes: _Passes, backprop: bool, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One sliding-window pass: with ``backprop``, back-propagate the windows in ``passes.adapt`` one batch
+        at a time; return the stitched probability map ``(1, C_out, *spatial)`` on ``plan.device`` (input-sized:
+        the parts of windows that lie in the padding of an input smaller than a window are never stored)."""
+        plan, mass, scaler, device = passes.plan, passes.mass, passes.scaler, passes.plan.device
+        adapt = passes.adapt if backprop else set()
         out = None
-        n_win = len(plan.slices)
-        batches, current = [], []
-        for i in range(n_win):  # consecutive windows of the same kind (adapted or not), sw_batch_size at most
-            if current and (len(current) == self.sw_batch_size or (i in adapt) != (current[0] in adapt)):
-                batches.append(current)
-                current = []
-            current.append(i)
-        batches.append(current)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+        batches = plan.batches(self.sw_batch_size, adapt)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if passes.use_amp else contextlib.nullcontext()
         it: Iterable = batches
         if self.progress:
             from tqdm import tqdm
 
             it = tqdm(batches, desc="ETTA pass")
         for idx in it:
-            win = plan.window(idx, sw_device)
+            win = plan.window(idx)
             grad = idx[0] in adapt
             with torch.set_grad_enabled(grad), autocast:
                 logits = network(win, *args, **kwargs)
@@ -454,7 +458,7 @@ class EntropyTTAInferer(Inferer):
             loss = None
             if grad:
                 with torch.enable_grad():
-                    lw = torch.cat([plan.weight[(slice(None), slice(None), *plan.slices[i])] for i in idx]).to(sw_device)
+                    lw = torch.cat([plan.weight[(slice(None), slice(None), *plan.slices[i])] for i in idx]).to(plan.sw_device)
                     weight = entropy_loss_weights(logits, plan.importance * lw / mass, self.activation, self.margin, self.balance)
                     loss = weighted_entropy_sum(logits, weight, self.activation)
                     del weight

@@ -21,7 +21,19 @@ class WindowPlan:
     normalises the stitched sum and weights each window voxel's entropy in the loss.
     """
 
-    def __init__(self, inputs, roi_size, overlap, mode, sigma_scale, padding_mode, cval, sw_device, device):
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        roi_size: Sequence[int] | int,
+        overlap: Sequence[float] | float,
+        mode: str,
+        sigma_scale: Sequence[float] | float,
+        padding_mode: str,
+        cval: float,
+        sw_device: torch.device | str,
+        device: torch.device | str,
+    ) -> None:
+        """``inputs``: ``(1, C_in, *spatial)``; the other arguments as in :func:`sliding_window_inference`."""
         spatial = list(inputs.shape[2:])
         nd = len(spatial)
         self.roi = tuple(fall_back_tuple(roi_size, spatial))
@@ -30,6 +42,7 @@ class WindowPlan:
         for k in range(len(inputs.shape) - 1, 1, -1):
             diff = max(self.roi[k - 2] - inputs.shape[k], 0)
             pad.extend([diff // 2, diff - diff // 2])
+        self.sw_device, self.device = torch.device(sw_device), torch.device(device)
         self.inputs = F.pad(inputs, pad=pad, mode=look_up_option(padding_mode, PytorchPadMode), value=cval) if any(pad) else inputs
         # crop back to the input grid: pad is given last-axis first
         self.crop = tuple(slice(pad[2 * (nd - 1 - d)], pad[2 * (nd - 1 - d)] + spatial[d]) for d in range(nd))
@@ -59,5 +72,21 @@ class WindowPlan:
         # each window's share of the loss (the shares of all windows sum to the number of input voxels)
         self.window_mass = np.array([float((self.weight[(slice(None), slice(None), *s)] * imp).sum()) for s in self.slices])
 
-    def window(self, idx: Sequence[int], device) -> torch.Tensor:
-        return torch.cat([self.inputs[(slice(None), slice(None), *self.slices[i])] for i in idx]).to(device)
+    def window(self, idx: Sequence[int]) -> torch.Tensor:
+        """The windows ``idx`` of the padded input, ``(len(idx), C_in, *roi)`` on ``sw_device``."""
+        return torch.cat([self.inputs[(slice(None), slice(None), *self.slices[i])] for i in idx]).to(self.sw_device)
+
+    def batches(self, size: int, adapt: set[int]) -> list[list[int]]:
+        """Window indices in batches of consecutive windows of one kind (in ``adapt`` or not), ``size`` at most."""
+        batches: list[list[int]] = []
+        for i in range(len(self.slices)):
+            if not batches or len(batches[-1]) == size or (i in adapt) != (batches[-1][0] in adapt):
+                batches.append([])
+            batches[-1].append(i)
+        return batches
+
+    def spread(self, fraction: float) -> tuple[set[int], float]:
+        """``fraction`` of the windows, evenly spread (at least one), and their summed loss share."""
+        n = len(self.slices)
+        chosen = set(np.unique(np.linspace(0, n - 1, max(1, round(fraction * n))).round().astype(int)).tolist())
+        return chosen, float(self.window_mass[sorted(chosen)].sum())
