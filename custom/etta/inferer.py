@@ -69,6 +69,7 @@ from monai.utils import BlendMode, PytorchPadMode, convert_to_dst_type
 from torch import nn
 
 from custom.attention import fused_window_attention
+from custom.checks import source_names
 from custom.errors import parse_flag
 from custom.etta.entropy import entropy_loss_weights, entropy_weights, prob_entropy_mean, weighted_entropy_sum
 from custom.etta.intensity import IntensityCurve
@@ -296,7 +297,7 @@ class EntropyTTAInferer(Inferer):
             raise ValueError(f"inputs must be (B, C, *spatial), got shape {tuple(inputs.shape)}.")
         meta = MetaTensor([]).copy_meta_from(inputs, copy_attr=False) if isinstance(inputs, MetaTensor) else None
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        names = _names(inputs)
+        names = source_names(inputs)  # for the per-volume record
         with torch.inference_mode(False):  # also usable under inference_mode (gradients need normal tensors)
             outs = [self._one_volume(x[b : b + 1], network, names[b] if b < len(names) else None, *args, **kwargs) for b in range(x.shape[0])]
             out = torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -500,17 +501,6 @@ def _restore(network: nn.Module, params, source, grads, flags, modes) -> None:
         p.requires_grad_(flag)
     for m, mode in modes:
         m.training = mode
-
-
-def _names(inputs: torch.Tensor) -> list[str | None]:
-    """Source file names of a batch (from MetaTensor meta), for the per-volume log line."""
-    if not isinstance(inputs, MetaTensor):
-        return []
-    names = inputs.meta.get("filename_or_obj")
-    if names is None:
-        return []
-    names = names if isinstance(names, (list, tuple)) else [names]
-    return [str(n) if n is not None else None for n in names]
 
 
 # ------------------------------------------------------------------------------ flip TTA
